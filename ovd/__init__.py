@@ -1,0 +1,1 @@
+"""ovd: open-vocabulary object detection."""
