@@ -1,0 +1,296 @@
+"""The one configuration schema of `ovd`, and how configs are loaded.
+
+Every number that changes a result is a field here, with a one-line doc. Experiment files in
+``configs/`` are YAML that only override these defaults; a file may name a parent with
+``_base_: relative/path.yaml``. Command-line ``key=value`` overrides come last. Unknown keys are
+errors naming the key and the closest valid one. Defaults reproduce the reference's OV-COCO R50-C4
+recipe (METHOD §1.2) unless a comment says otherwise.
+
+Usage::
+
+    cfg = load_config("configs/ovshapes/base.yaml", ["solver.max_iter=100"])
+    cfg.model.roi_heads.nms_thresh_test  # typed attribute access; the object is frozen
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ovd.errors import OVDError
+from ovd.utils.io import atomic_open
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipCfg:
+    """The CLIP model that provides class text embeddings (and region embeddings for RKD)."""
+
+    model: str = "ViT-B-32"  # open_clip architecture name (METHOD §11: OpenAI ViT-B/32)
+    pretrained: str = "openai"  # open_clip pretrained tag, or a path to a local checkpoint file
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])  # prompts, "{}" = name
+    # Precomputed (C, D) class embeddings (.npy, our format or the reference's). When set, the text
+    # encoder is not run; rows must follow the training dataset's class order.
+    embeddings: str = ""
+    cache_dir: str = ""  # where computed text embeddings are cached ("" = <output_dir>/text_embeddings)
+
+
+@dataclass(frozen=True)
+class BackboneCfg:
+    """Feature extractor."""
+
+    name: str = "resnet50_c4"  # resnet50_c4 | resnet50_fpn | resnet18_fpn | tiny_fpn
+    norm: str = "frozen_bn"  # frozen_bn | bn | gn: normalisation layers of the ResNet trunk
+    freeze_at: int = 2  # 0 = train all; 1 = freeze stem; 2 = stem + res2 (detectron2 FREEZE_AT)
+    # ImageNet initialisation: "" (random), a local torchvision-format state_dict file, or
+    # "torchvision" (torchvision's IMAGENET1K_V1 weights, which must already be in the torch cache).
+    weights: str = ""
+    fpn_channels: int = 256  # FPN output channels (FPN backbones only)
+    tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tiny_fpn stage widths
+
+
+@dataclass(frozen=True)
+class RPNCfg:
+    """Region proposal network (torchvision's RegionProposalNetwork)."""
+
+    # Anchor sizes per feature level; one inner list per level (C4: one level with 5 sizes).
+    anchor_sizes: list[list[int]] = field(default_factory=lambda: [[32, 64, 128, 256, 512]])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # h/w ratios
+    fg_iou_thresh: float = 0.7  # anchor IoU ≥ this → foreground
+    bg_iou_thresh: float = 0.3  # anchor IoU < this → background
+    batch_size_per_image: int = 256  # anchors sampled per image for the loss
+    positive_fraction: float = 0.5  # max share of foreground in the sampled anchors
+    pre_nms_top_n_train: int = 12000  # top-scoring anchors kept per level before NMS, training
+    post_nms_top_n_train: int = 2000  # proposals kept per image after NMS, training
+    pre_nms_top_n_test: int = 6000  # same, inference
+    post_nms_top_n_test: int = 1000  # same, inference
+    nms_thresh: float = 0.7  # NMS IoU on proposals
+    smooth_l1_beta: float = 0.0  # RPN box loss beta; 0 = L1 (detectron2), torchvision uses 1/9
+    loss_weight: float = 1.0  # multiplies both RPN losses
+
+
+@dataclass(frozen=True)
+class RoIHeadsCfg:
+    """Second stage: proposal sampling, RoI pooling, box head, class-agnostic box regression."""
+
+    pooler_resolution: int = 14  # RoIAlign output size (C4: 14, FPN: 7)
+    pooler_sampling_ratio: int = 0  # RoIAlign sampling points per bin (0 = adaptive)
+    pooler_aligned: bool = True  # half-pixel alignment (ROIAlignV2); C4 only, FPN pooler is unaligned
+    fc_dim: int = 1024  # FC box head width (FPN backbones)
+    num_fc: int = 2  # FC layers of the box head (FPN backbones)
+    batch_size_per_image: int = 512  # proposals sampled per image for the loss
+    positive_fraction: float = 0.25  # max share of foreground proposals
+    fg_iou_thresh: float = 0.5  # proposal IoU ≥ this → foreground
+    bg_iou_thresh: float = 0.5  # proposal IoU < this → background
+    add_gt_as_proposals: bool = True  # append GT boxes to the proposals during training
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # (wx, wy, ww, wh)
+    smooth_l1_beta: float = 0.0  # box regression loss beta; 0 = L1 (METHOD §10.10)
+    box_loss_weight: float = 1.0  # multiplies the box regression loss
+    score_thresh_test: float = 0.05  # drop detections below this score
+    nms_thresh_test: float = 0.5  # per-class NMS IoU at inference
+    detections_per_image: int = 100  # top-k detections kept per image
+
+
+@dataclass(frozen=True)
+class ClassifierCfg:
+    """Zero-shot classifier: cosine logits against CLIP text embeddings (METHOD §2)."""
+
+    temperature: float = 50.0  # τ multiplying cosine similarities (NORM_TEMP)
+    use_bias: bool = False  # add a learnable scalar bias to every logit (LVIS recipe)
+    bias_init: float = -4.6  # initial bias; sigmoid(-4.6) ≈ 0.01
+    cls_loss_weight: float = 1.0  # multiplies the sigmoid BCE classification loss
+    ignore_zero_cats: bool = True  # mask classes with no training image out of the loss (§2.3)
+    freq_weight_power: float = 0.5  # class frequency = image_count ** power (§10.3)
+    zero_freq_thresh: float = 1e-4  # frequency ≤ this counts as "no training image"
+    use_fed_loss: bool = False  # federated loss: only appeared + sampled classes get negatives (§2.3)
+    fed_loss_num_classes: int = 50  # classes per batch under the federated loss
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    rpn: RPNCfg = field(default_factory=RPNCfg)
+    roi_heads: RoIHeadsCfg = field(default_factory=RoIHeadsCfg)
+    classifier: ClassifierCfg = field(default_factory=ClassifierCfg)
+    # RGB pixel statistics on a 0–255 scale (torchvision ImageNet weights).
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    size_divisibility: int = 32  # pad batched images to a multiple of this
+
+
+@dataclass(frozen=True)
+class InputCfg:
+    """Image resizing and augmentation."""
+
+    min_size_train: list[int] = field(default_factory=lambda: [800])  # short-side choices (or [lo, hi])
+    min_size_train_sampling: str = "choice"  # choice | range
+    max_size_train: int = 1333  # cap on the long side, training
+    min_size_test: int = 800  # short side at inference
+    max_size_test: int = 1333  # cap on the long side at inference
+    flip_prob: float = 0.5  # horizontal flip probability, training
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    train: str = "coco_ovd_train"  # catalog name of the box-annotated training set
+    test: str = "coco_ovd_val"  # catalog name of the evaluation set
+    num_workers: int = 2  # DataLoader worker processes per rank
+
+
+@dataclass(frozen=True)
+class SolverCfg:
+    """SGD with linear warm-up and multi-step decay (METHOD §1.2)."""
+
+    ims_per_batch: int = 16  # total images per iteration, summed over all ranks
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # weight decay of normalisation-layer parameters
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001  # LR multiplier at iteration 0 of the warm-up
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])  # iterations where LR *= gamma
+    gamma: float = 0.1
+    max_iter: int = 90000
+    checkpoint_period: int = 10000  # save every N iterations (and always at the end)
+    clip_grad_norm: float = 0.0  # max global gradient norm; 0 = no clipping
+    amp: bool = False  # mixed precision on CUDA (float16 autocast + GradScaler)
+
+
+@dataclass(frozen=True)
+class TestCfg:
+    eval_period: int = 0  # evaluate every N iterations during training (0 = only at the end)
+    batch_size: int = 1  # images per inference batch per rank
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a run."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    clip: ClipCfg = field(default_factory=ClipCfg)
+    input: InputCfg = field(default_factory=InputCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    solver: SolverCfg = field(default_factory=SolverCfg)
+    test: TestCfg = field(default_factory=TestCfg)
+    init_weights: str = ""  # checkpoint whose model weights initialise training (a previous stage)
+    seed: int = 0  # seeds model init, data order and augmentation
+    log_period: int = 20  # iterations between TensorBoard / log writes
+    device: str = "auto"  # auto | cpu | cuda
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+BASE_KEY = "_base_"
+
+
+def _check_keys(data: Any, schema: type, prefix: str, source: str) -> None:
+    """Reject keys that are not fields of ``schema`` (recursively), naming the closest valid one."""
+    if not isinstance(data, dict):
+        return
+    hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise OVDError(f"unknown config key {path!r}{hint}", path=source)
+        sub = hints[key]
+        if is_dataclass(sub) and isinstance(value, dict):
+            _check_keys(value, sub, f"{path}.", source)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The chain of (file, overrides) from the root base to ``path``."""
+    path = path.resolve()
+    if path in seen:
+        raise OVDError("circular _base_ chain", path=path)
+    if not path.is_file():
+        raise OVDError("config file not found", path=path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise OVDError(f"malformed YAML: {e}", path=path) from e
+    if not isinstance(data, dict):
+        raise OVDError("a config file must be a mapping of keys to values", path=path)
+    base = data.pop(BASE_KEY, None)
+    chain: list[tuple[Path, dict]] = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise OVDError("_base_ must be a path", path=path, field=BASE_KEY)
+        chain = _read_yaml(path.parent / base, (*seen, path))
+    return [*chain, (path, data)]
+
+
+def _merge(cfg: DictConfig, data: dict, source: str) -> DictConfig:
+    _check_keys(data, Config, "", source)
+    try:
+        return OmegaConf.merge(cfg, data)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise OVDError(f"invalid value: {msg}", path=source, field=key) from e
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise OVDError(f"override {item!r} is not of the form key=value", path="<command line>")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise OVDError(f"cannot parse the value of {key!r}: {value!r}", path="<command line>") from e
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, a YAML chain and ``key=value`` overrides.
+
+    Raises:
+        OVDError: a missing or malformed file, an unknown key, or a value of the wrong type.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        for file, data in _read_yaml(Path(path)):
+            cfg = _merge(cfg, data, str(file))
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "<command line>")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the fully resolved config (atomically) so the run can be reproduced."""
+    with atomic_open(path) as f:
+        f.write(config_to_yaml(cfg))
+
+
+def config_from_yaml(text: str, source: str = "<checkpoint>") -> Config:
+    """Rebuild a :class:`Config` from the YAML text stored in a checkpoint."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise OVDError(f"malformed config YAML: {e}", path=source) from e
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, source))  # type: ignore[return-value]

@@ -1,0 +1,262 @@
+"""The training loop: SGD + warm-up/multi-step LR, optional AMP and gradient clipping, DDP through
+``torchrun``, TensorBoard scalars, atomic checkpoints and exact resumption."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ovd.config import Config, SolverCfg, config_to_yaml, save_config
+from ovd.data.catalog import get_dataset
+from ovd.data.coco import category_image_counts, load_dataset
+from ovd.data.loader import build_train_loader
+from ovd.data.transforms import ResizeFlipAugmentation
+from ovd.engine import distributed as dist
+from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from ovd.engine.evaluate import evaluate
+from ovd.engine.schedule import lr_factor
+from ovd.engine.vocabulary import class_embeddings
+from ovd.errors import OVDError
+from ovd.modeling.build import build_model
+from ovd.modeling.detector import OpenVocabDetector
+
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def build_optimizer(solver: SolverCfg, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; normalisation-layer parameters get ``weight_decay_norm``."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if isinstance(module, _NORM_TYPES) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": solver.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": solver.weight_decay_norm})
+    return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum)
+
+
+def train_augmentation(cfg: Config) -> ResizeFlipAugmentation:
+    i = cfg.input
+    return ResizeFlipAugmentation(
+        tuple(i.min_size_train),
+        i.max_size_train,
+        sample_style=i.min_size_train_sampling,
+        flip_prob=i.flip_prob,
+    )  # type: ignore[arg-type]
+
+
+def _unwrap(model: nn.Module) -> OpenVocabDetector:
+    return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def build_detector_for_dataset(
+    cfg: Config, dataset: str, output_dir: Path
+) -> tuple[OpenVocabDetector, Any, torch.Tensor]:
+    """(model, dataset info, class embeddings) for training on ``dataset``."""
+    info = get_dataset(dataset)
+    records = load_dataset(info)
+    counts = torch.as_tensor(category_image_counts(records, info.num_classes))
+    if dist.is_main_process():  # rank 0 fills the text-embedding cache first
+        emb = class_embeddings(cfg.clip, info.class_names, output_dir)
+    dist.synchronize()
+    if not dist.is_main_process():
+        emb = class_embeddings(cfg.clip, info.class_names, output_dir)
+    model = build_model(cfg, class_embeddings=emb, class_image_counts=counts)
+    return model, (info, records), emb
+
+
+def checkpoint_state(model: nn.Module, cfg: Config, class_names: tuple[str, ...], emb: torch.Tensor) -> dict[str, Any]:
+    return {
+        "model": _unwrap(model).state_dict(),
+        "config": config_to_yaml(cfg),
+        "vocabulary": {"class_names": list(class_names), "embeddings": emb.float().cpu()},
+    }
+
+
+def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` in ``output_dir``; with ``resume``, continue from its last checkpoint exactly.
+
+    Returns the final evaluation metrics (empty if ``data.test`` is empty).
+    """
+    device = dist.local_device(cfg.device)
+    dist.init_distributed(device)
+    out = Path(output_dir)
+    if dist.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    model, (info, records), emb = build_detector_for_dataset(cfg, cfg.data.train, out)
+    model.to(device)
+
+    solver = cfg.solver
+    optimizer = build_optimizer(solver, model)
+    schedule = functools.partial(
+        lr_factor,
+        warmup_iters=solver.warmup_iters,
+        warmup_factor=solver.warmup_factor,
+        steps=list(solver.steps),
+        gamma=solver.gamma,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    use_amp = solver.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_iter = 0
+    ckpt = last_checkpoint(out) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        load_model_state(model, state["model"], source=str(ckpt))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter = int(state["iteration"])
+        if "rng" in state:
+            _set_rng_state(state["rng"])
+        logger.info("resumed from %s at iteration %d", ckpt, start_iter)
+    elif cfg.init_weights:
+        state = load_checkpoint(cfg.init_weights)
+        load_model_state(model, state["model"], source=cfg.init_weights)
+
+    world = dist.get_world_size()
+    if solver.ims_per_batch % world:
+        raise OVDError(
+            f"ims_per_batch={solver.ims_per_batch} is not divisible by {world} processes",
+            field="solver.ims_per_batch",
+        )
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(iteration: int) -> None:
+        if dist.is_main_process():
+            state = checkpoint_state(model, cfg, info.class_names, emb)
+            state.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                iteration=iteration,
+                rng=_rng_state(),
+            )
+            name = "model_final.pth" if iteration == solver.max_iter else f"model_{iteration:07d}.pth"
+            save_checkpoint(out / name, state)
+        dist.synchronize()
+
+    loader = build_train_loader(
+        records,
+        train_augmentation(cfg),
+        batch_size=solver.ims_per_batch // world,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        rank=dist.get_rank(),
+        world_size=world,
+        start_iter=start_iter,
+    )
+    writer = SummaryWriter(str(out / "tensorboard")) if dist.is_main_process() else None
+    bar = tqdm(
+        total=solver.max_iter,
+        initial=start_iter,
+        desc="train",
+        disable=not dist.is_main_process(),
+        dynamic_ncols=True,
+    )
+    model.train()
+    data_iter = iter(loader)
+    for iteration in range(start_iter, solver.max_iter):
+        t0 = time.perf_counter()
+        batch = next(data_iter)
+        images = [b["image"] for b in batch]
+        targets = [{"boxes": b["boxes"], "labels": b["labels"]} for b in batch]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            losses = model(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"loss became {total.item()} at iteration {iteration}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                + "; lower solver.base_lr or enable solver.clip_grad_norm"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if solver.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), solver.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        step = iteration + 1
+        if step % cfg.log_period == 0 or step == solver.max_iter:
+            scalars = dist.reduce_mean({k: v.item() for k, v in losses.items()} | {"total_loss": total.item()})
+            if writer is not None:
+                for k, v in scalars.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/iter_time", time.perf_counter() - t0, step)
+            bar.set_postfix(loss=f"{scalars['total_loss']:.3f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if step % solver.checkpoint_period == 0 or step == solver.max_iter:
+            save(step)
+        if cfg.test.eval_period and step % cfg.test.eval_period == 0 and step != solver.max_iter and cfg.data.test:
+            _log_metrics(
+                writer,
+                evaluate(_unwrap(model), get_dataset(cfg.data.test), cfg, out / f"eval_{step:07d}"),
+                step,
+            )
+            model.train()
+    bar.close()
+    metrics: dict[str, Any] = {}
+    if cfg.data.test:
+        metrics = evaluate(_unwrap(model), get_dataset(cfg.data.test), cfg, out / "eval")
+        _log_metrics(writer, metrics, solver.max_iter)
+    if writer is not None:
+        writer.close()
+    return metrics
+
+
+def _rng_state() -> dict[str, Any]:
+    """Random state of the sampling inside the model (proposal sampling), for exact resumption."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _log_metrics(writer: SummaryWriter | None, metrics: dict[str, Any], step: int) -> None:
+    if writer is None:
+        return
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            writer.add_scalar(f"eval/{k}", v, step)
+
+
+def evaluate_checkpoint(cfg: Config, weights: str, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``--eval-only``: load ``weights`` into the model of ``cfg`` and evaluate on ``data.test``."""
+    device = dist.local_device(cfg.device)
+    dist.init_distributed(device)
+    out = Path(output_dir)
+    info = get_dataset(cfg.data.test)
+    emb = class_embeddings(cfg.clip, info.class_names, out)
+    model = build_model(cfg, class_embeddings=emb)
+    state = load_checkpoint(weights)
+    load_model_state(model, state["model"], source=weights)
+    model.to(device)
+    return evaluate(model, info, cfg, out / "eval")

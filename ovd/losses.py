@@ -1,0 +1,96 @@
+"""Loss functions: small, pure, with their reduction stated.
+
+Shape shorthand: ``R`` regions (sampled proposals) of a batch, ``C`` classes (background = ``C``),
+``D`` embedding dim.
+
+``BCE(z, t) = max(z, 0) - z·t + log(1 + exp(-|z|))`` is ``binary_cross_entropy_with_logits``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sigmoid_ce_loss(logits: Tensor, gt_classes: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    """Per-class sigmoid BCE over foreground columns (METHOD §2.3, §10.2).
+
+    ``L = Σ_{i, c<C} w_c · BCE(z_ic, 1[g_i = c]) / R``: the background column is dropped, so
+    background regions have an all-zero target.
+
+    Args:
+        logits: ``Tensor[R, C+1]``.
+        gt_classes: ``int64[R]`` in ``[0, C]``; ``C`` is background.
+        class_weight: ``Tensor[C]`` (or ``Tensor[R, C]``) weights; ``None`` = all ones.
+
+    Returns:
+        A scalar; 0 (with gradient) when ``R == 0``.
+    """
+    num_classes = logits.shape[1] - 1
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    target = F.one_hot(gt_classes, num_classes + 1)[:, :num_classes].to(logits.dtype)  # (R, C)
+    loss = F.binary_cross_entropy_with_logits(logits[:, :num_classes], target, reduction="none")  # (R, C)
+    if class_weight is not None:
+        loss = loss * class_weight
+    return loss.sum() / logits.shape[0]
+
+
+def zero_count_class_weight(image_counts: Tensor, *, power: float, thresh: float) -> Tensor:
+    """``w_c = 1[image_count_c ** power > thresh]`` (METHOD §10.3): ignore classes never seen in training.
+
+    Args:
+        image_counts: ``Tensor[C]`` number of training images containing each class.
+    Returns:
+        ``float32[C]`` of zeros and ones.
+    """
+    freq = image_counts.float().pow(power)  # (C,)
+    return (freq > thresh).float()
+
+
+def fed_loss_classes(gt_classes: Tensor, freq_weight: Tensor, num_sample: int) -> Tensor:
+    """Classes that get a loss under the federated loss (METHOD §2.3, §10.4).
+
+    The classes present in the batch, plus classes drawn without replacement with probability
+    ∝ ``freq_weight`` until ``num_sample`` are reached. Background and zero-frequency classes are
+    never drawn.
+
+    Args:
+        gt_classes: ``int64[R]`` in ``[0, C]``.
+        freq_weight: ``Tensor[C]`` sampling weights (``image_count ** 0.5``).
+        num_sample: target size of the class set.
+    Returns:
+        ``int64[K]`` sorted unique class ids, ``K = max(num_sample, #appeared)`` when enough classes
+        have non-zero frequency.
+    """
+    num_classes = freq_weight.shape[0]
+    appeared = torch.unique(gt_classes)
+    appeared = appeared[appeared < num_classes]  # (A,)
+    if appeared.numel() >= num_sample:
+        return appeared
+    prob = freq_weight.float().clone()  # (C,)
+    prob[appeared] = 0
+    available = int((prob > 0).sum())
+    extra = min(num_sample - appeared.numel(), available)
+    if extra <= 0:
+        return appeared
+    sampled = torch.multinomial(prob, extra, replacement=False)  # (extra,)
+    return torch.sort(torch.cat([appeared, sampled.to(appeared.device)]))[0]
+
+
+def box_regression_loss(pred_deltas: Tensor, target_deltas: Tensor, num_sampled: int, beta: float) -> Tensor:
+    """Class-agnostic box loss ``Σ_fg smoothL1_β(δ̂ − δ) / N_sampled`` (METHOD §10.10).
+
+    Args:
+        pred_deltas, target_deltas: ``Tensor[F, 4]`` for the F foreground regions.
+        num_sampled: number of sampled regions (foreground + background) in the batch.
+        beta: smooth-L1 beta; 0 gives plain L1.
+    """
+    if pred_deltas.shape[0] == 0:
+        return pred_deltas.sum() * 0.0
+    if beta < 1e-5:
+        loss = (pred_deltas - target_deltas).abs().sum()
+    else:
+        loss = F.smooth_l1_loss(pred_deltas, target_deltas, beta=beta, reduction="sum")
+    return loss / max(num_sampled, 1)

@@ -1,0 +1,91 @@
+"""OpenVocabDetector: backbone → RPN → open-vocabulary RoI heads.
+
+Images enter as ``uint8 Tensor[3, H, W]`` RGB, already resized by the data pipeline; the detector
+normalises and pads them into one batch. Detections come out in the pixel coordinates of the
+images it was given.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from ovd.modeling.roi_heads import OpenVocabRoIHeads
+from ovd.modeling.rpn import OpenVocabRPN
+from ovd.structures import Detections
+
+
+class OpenVocabDetector(nn.Module):
+    """A two-stage detector whose classifier is a set of CLIP text embeddings.
+
+    Args:
+        backbone: ``Tensor[B, 3, H, W] → OrderedDict[str, Tensor]``.
+        rpn: proposal network over all backbone outputs.
+        roi_heads: second stage.
+        pixel_mean, pixel_std: RGB statistics on a 0–255 scale.
+        size_divisibility: batched images are padded to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        rpn: OpenVocabRPN,
+        roi_heads: OpenVocabRoIHeads,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        size_divisibility: int,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
+        self.size_divisibility = size_divisibility
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_heads.num_classes
+
+    def set_vocabulary(self, class_embeddings: Tensor) -> None:
+        """Detect the classes of ``Tensor[C, D]`` text embeddings from now on."""
+        self.roi_heads.classifier.set_vocabulary(class_embeddings)
+
+    def preprocess(self, images: list[Tensor]) -> ImageList:
+        """Normalise and zero-pad ``uint8 Tensor[3, H_i, W_i]`` images into ``Tensor[B, 3, H, W]``."""
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        d = self.size_divisibility
+        max_h = -(-max(h for h, _ in sizes) // d) * d
+        max_w = -(-max(w for _, w in sizes) // d) * d
+        batch = []
+        for im in images:
+            x = (im.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std  # (3, H, W)
+            batch.append(F.pad(x, (0, max_w - x.shape[-1], 0, max_h - x.shape[-2])))  # zero = mean colour
+        return ImageList(torch.stack(batch), sizes)
+
+    def features(self, images: ImageList) -> OrderedDict[str, Tensor]:
+        return self.backbone(images.tensors)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[Detections]:
+        """Training: ``targets`` (``boxes`` float[N, 4], ``labels`` int64[N]) → dict of losses.
+        Inference: a list of :class:`Detections`, one per image."""
+        batch = self.preprocess(images)
+        feats = self.features(batch)
+        if targets is not None:
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        proposals, rpn_losses = self.rpn(batch, feats, targets if self.training else None)
+        detections, roi_losses = self.roi_heads(feats, proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return detections

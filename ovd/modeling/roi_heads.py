@@ -1,0 +1,238 @@
+"""Second stage: proposal sampling, region features, zero-shot classification, class-agnostic boxes.
+
+Shape shorthand: ``B`` images, ``P_i`` proposals of image i, ``R`` sampled regions of the batch,
+``D'`` region feature dim, ``C`` classes (background = ``C``).
+
+torchvision's private detection helpers (``BoxCoder``, ``Matcher``,
+``BalancedPositiveNegativeSampler``) are imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import MultiScaleRoIAlign, RoIAlign, batched_nms, box_iou, clip_boxes_to_image
+
+from ovd.losses import box_regression_loss, fed_loss_classes, sigmoid_ce_loss
+from ovd.modeling.classifier import ZeroShotClassifier
+from ovd.structures import Detections
+
+# detectron2's clamp on predicted log-scale deltas (Box2BoxTransform._DEFAULT_SCALE_CLAMP).
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+class C4RegionFeatures(nn.Module):
+    """RoIAlign on ``res4`` → res5 stage → spatial mean: ``Tensor[R, 2048]`` (METHOD §1.2)."""
+
+    def __init__(self, res5: nn.Module, *, resolution: int, scale: float, sampling_ratio: int, aligned: bool) -> None:
+        super().__init__()
+        self.pooler = RoIAlign(resolution, scale, sampling_ratio, aligned=aligned)
+        self.res5 = res5
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        x = self.pooler(features["res4"], [b.to(features["res4"].dtype) for b in boxes])  # (R, 1024, S, S)
+        return self.res5(x).mean(dim=(2, 3))  # (R, 2048)
+
+
+class FPNRegionFeatures(nn.Module):
+    """Multi-level RoIAlign (p2–p5) → flatten → ``num_fc`` × (Linear, ReLU): ``Tensor[R, fc_dim]``."""
+
+    def __init__(self, *, in_channels: int, resolution: int, sampling_ratio: int, fc_dim: int, num_fc: int) -> None:
+        super().__init__()
+        self.pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], resolution, sampling_ratio)
+        layers: list[nn.Module] = [nn.Flatten()]
+        dim = in_channels * resolution * resolution
+        for _ in range(num_fc):
+            fc = nn.Linear(dim, fc_dim)
+            nn.init.kaiming_uniform_(fc.weight, a=1)  # detectron2 c2_xavier_fill
+            nn.init.zeros_(fc.bias)
+            layers += [fc, nn.ReLU(inplace=True)]
+            dim = fc_dim
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        x = self.pooler(features, boxes, image_sizes)  # (R, Ch, S, S)
+        return self.head(x)  # (R, fc_dim)
+
+
+class AgnosticBoxRegressor(nn.Module):
+    """``Linear(D', D') → ReLU → Linear(D', 4)``: one box per region, shared by all classes."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, in_dim)
+        self.fc2 = nn.Linear(in_dim, 4)
+        nn.init.kaiming_uniform_(self.fc1.weight, a=1)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.normal_(self.fc2.weight, std=0.001)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))  # (R, 4)
+
+
+class OpenVocabRoIHeads(nn.Module):
+    """Proposal sampling, losses and inference around a :class:`ZeroShotClassifier`.
+
+    Args:
+        region_features: ``(features, boxes, image_sizes) → Tensor[R, D']``.
+        classifier: the zero-shot classifier on region features.
+        box_regressor: ``Tensor[R, D'] → Tensor[R, 4]`` class-agnostic deltas.
+        class_weight: ``Tensor[C]`` loss weights of the classes (0 = ignored), or ``None``.
+        fed_loss_freq: ``Tensor[C]`` sampling weights of the federated loss, or ``None`` (off).
+        fed_loss_num_classes: classes per batch under the federated loss.
+        bbox_reg_weights: ``(wx, wy, ww, wh)`` of the box coder.
+        fg_iou_thresh, bg_iou_thresh: proposal matching thresholds.
+        batch_size_per_image, positive_fraction: proposal sampling.
+        add_gt_as_proposals: append ground-truth boxes to proposals in training.
+        smooth_l1_beta: box loss beta (0 = L1).
+        cls_loss_weight, box_loss_weight: loss multipliers.
+        score_thresh, nms_thresh, detections_per_image: inference.
+    """
+
+    def __init__(
+        self,
+        *,
+        region_features: nn.Module,
+        classifier: ZeroShotClassifier,
+        box_regressor: nn.Module,
+        class_weight: Tensor | None,
+        fed_loss_freq: Tensor | None,
+        fed_loss_num_classes: int,
+        bbox_reg_weights: tuple[float, float, float, float],
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        add_gt_as_proposals: bool,
+        smooth_l1_beta: float,
+        cls_loss_weight: float,
+        box_loss_weight: float,
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_image: int,
+    ) -> None:
+        super().__init__()
+        self.region_features = region_features
+        self.classifier = classifier
+        self.box_regressor = box_regressor
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.register_buffer("fed_loss_freq", fed_loss_freq, persistent=False)
+        self.fed_loss_num_classes = fed_loss_num_classes
+        self.box_coder = det_utils.BoxCoder(bbox_reg_weights, bbox_xform_clip=DEFAULT_SCALE_CLAMP)
+        self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.add_gt_as_proposals = add_gt_as_proposals
+        self.smooth_l1_beta = smooth_l1_beta
+        self.cls_loss_weight = cls_loss_weight
+        self.box_loss_weight = box_loss_weight
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    # -- training --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_proposals(
+        self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Match proposals to ground truth and sample a balanced set per image.
+
+        Returns:
+            per image: sampled boxes ``Tensor[S_i, 4]``, classes ``int64[S_i]`` in ``[0, C]`` and
+            matched ground-truth boxes ``Tensor[S_i, 4]`` (meaningful for foreground only).
+        """
+        bg = self.num_classes
+        all_labels, all_matched = [], []
+        if self.add_gt_as_proposals:
+            proposals = [torch.cat([p, g.to(p.dtype)]) for p, g in zip(proposals, gt_boxes, strict=True)]
+        for props, boxes, labels in zip(proposals, gt_boxes, gt_labels, strict=True):
+            if boxes.numel() == 0:
+                all_labels.append(torch.full((props.shape[0],), bg, dtype=torch.int64, device=props.device))
+                all_matched.append(torch.zeros_like(props))
+                continue
+            iou = box_iou(boxes, props)  # (G, P_i)
+            idx = self.matcher(iou)  # (P_i,) gt index, or BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS
+            cls = labels[idx.clamp(min=0)].clone()  # (P_i,)
+            cls[idx == self.matcher.BELOW_LOW_THRESHOLD] = bg
+            cls[idx == self.matcher.BETWEEN_THRESHOLDS] = -1
+            all_labels.append(cls)
+            all_matched.append(boxes[idx.clamp(min=0)])
+        # the sampler wants 1 = positive, 0 = negative, -1 = ignore
+        binary = [torch.where(c < 0, -1, (c < bg).long()) for c in all_labels]
+        pos, neg = self.sampler(binary)
+        out_boxes, out_cls, out_matched = [], [], []
+        for props, cls, matched, p, n in zip(proposals, all_labels, all_matched, pos, neg, strict=True):
+            keep = torch.where(p | n)[0]  # (S_i,)
+            out_boxes.append(props[keep])
+            out_cls.append(cls[keep])
+            out_matched.append(matched[keep])
+        return out_boxes, out_cls, out_matched
+
+    def losses(
+        self,
+        logits: Tensor,
+        deltas: Tensor,
+        boxes: list[Tensor],
+        classes: list[Tensor],
+        matched: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """Sigmoid BCE classification loss and class-agnostic box loss on sampled regions."""
+        gt_classes = torch.cat(classes)  # (R,)
+        weight = self.class_weight
+        if self.fed_loss_freq is not None:
+            fed = torch.zeros_like(self.fed_loss_freq)
+            fed[fed_loss_classes(gt_classes, self.fed_loss_freq, self.fed_loss_num_classes)] = 1.0
+            weight = fed if weight is None else weight * fed
+        loss_cls = sigmoid_ce_loss(logits.float(), gt_classes, weight)
+        fg = torch.where(gt_classes < self.num_classes)[0]  # (F,)
+        props = torch.cat(boxes)  # (R, 4)
+        target = self.box_coder.encode_single(torch.cat(matched)[fg], props[fg])  # (F, 4)
+        loss_box = box_regression_loss(deltas[fg].float(), target, gt_classes.numel(), self.smooth_l1_beta)
+        return {"loss_cls": self.cls_loss_weight * loss_cls, "loss_box_reg": self.box_loss_weight * loss_box}
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def predict(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
+        """Sigmoid scores, shared class-agnostic boxes, threshold, per-class NMS, top-k (METHOD §1.1)."""
+        num_per_image = [p.shape[0] for p in proposals]
+        boxes_all = self.box_coder.decode_single(deltas.float(), torch.cat(proposals))  # (R, 4)
+        scores_all = torch.sigmoid(logits.float())[:, : self.num_classes]  # (R, C): background dropped
+        results = []
+        for boxes, scores, size in zip(
+            boxes_all.split(num_per_image), scores_all.split(num_per_image), image_sizes, strict=True
+        ):
+            boxes = clip_boxes_to_image(boxes, size)  # (P, 4)
+            keep = scores > self.score_thresh  # (P, C)
+            region, cls = keep.nonzero(as_tuple=True)  # (K,), (K,)
+            det_boxes, det_scores = boxes[region], scores[region, cls]
+            kept = batched_nms(det_boxes, det_scores, cls, self.nms_thresh)[: self.detections_per_image]
+            results.append(Detections(det_boxes[kept], det_scores[kept], cls[kept]))
+        return results
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[Detections], dict[str, Tensor]]:
+        """Training (``targets`` given): losses. Inference: detections in input-image pixels."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are needed in training mode")
+            boxes, classes, matched = self.sample_proposals(
+                proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets]
+            )
+            x = self.region_features(features, boxes, image_sizes)  # (R, D')
+            return [], self.losses(self.classifier(x), self.box_regressor(x), boxes, classes, matched)
+        x = self.region_features(features, proposals, image_sizes)  # (R, D')
+        return self.predict(self.classifier(x), self.box_regressor(x), proposals, image_sizes), {}

@@ -1,0 +1,122 @@
+"""``Predictor``: a trained checkpoint + any vocabulary → detections on single images.
+
+from ovd import Predictor
+predictor = Predictor("output/ovshapes/base/model_final.pth")
+predictor.set_vocabulary(["star", "moon"])
+result = predictor("photo.png")
+print(result.names, result.scores)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ovd.config import Config, config_from_yaml
+from ovd.data.loader import read_image_rgb
+from ovd.data.transforms import ResizeFlipAugmentation
+from ovd.engine.checkpoint import load_checkpoint, load_model_state
+from ovd.engine.distributed import local_device
+from ovd.errors import OVDError
+from ovd.modeling.build import build_model
+
+
+@dataclass
+class Prediction:
+    """Detections of one image, in original-image pixels.
+
+    Attributes:
+        boxes: ``float32[N, 4]`` xyxy.
+        scores: ``float32[N]``.
+        labels: ``int64[N]`` indices into the vocabulary.
+        names: the class name of each detection.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+class Predictor:
+    """Load a checkpoint and detect the classes of a vocabulary.
+
+    Args:
+        checkpoint: a checkpoint written by the trainer (it holds its config and vocabulary).
+        confidence: minimum score of a returned detection (``None`` = the config's test threshold).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        clip_model, clip_pretrained: the CLIP text encoder used by :meth:`set_vocabulary` for new names
+            (default: the one the checkpoint was trained with).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        *,
+        confidence: float | None = None,
+        device: str = "auto",
+        clip_model: str | None = None,
+        clip_pretrained: str | None = None,
+    ) -> None:
+        state = load_checkpoint(checkpoint)
+        if "config" not in state or "vocabulary" not in state:
+            raise OVDError("checkpoint has no config/vocabulary; was it written by ovd's trainer?", path=checkpoint)
+        cfg: Config = config_from_yaml(state["config"], str(checkpoint))
+        if confidence is not None:
+            roi = replace(cfg.model.roi_heads, score_thresh_test=confidence)
+            cfg = replace(cfg, model=replace(cfg.model, roi_heads=roi))
+        clip = cfg.clip
+        self.clip_cfg = replace(
+            clip,
+            model=clip_model or clip.model,
+            pretrained=clip_pretrained if clip_pretrained is not None else clip.pretrained,
+        )
+        self.cfg = cfg
+        self.device = local_device(device)
+        vocab = state["vocabulary"]
+        self.model = build_model(cfg, class_embeddings=vocab["embeddings"])
+        load_model_state(self.model, state["model"], source=str(checkpoint))
+        self.model.to(self.device).eval()
+        self.class_names: list[str] = list(vocab["class_names"])
+        self.augmentation = ResizeFlipAugmentation((cfg.input.min_size_test,), cfg.input.max_size_test, flip_prob=0.0)
+        self._text_encoder = None
+
+    def set_vocabulary(self, names: Sequence[str] | str) -> None:
+        """Detect these classes from now on: a list of free-text names, or a catalog dataset name."""
+        from ovd.clip import build_text_embeddings, create_clip
+        from ovd.data.catalog import get_dataset
+
+        if isinstance(names, str):
+            names = list(get_dataset(names, prepare=False).class_names)
+        names = [n.strip() for n in names]
+        if not names:
+            raise OVDError("the vocabulary is empty", field="vocabulary")
+        if self._text_encoder is None:
+            self._text_encoder = create_clip(self.clip_cfg.model, self.clip_cfg.pretrained or None)
+        emb = build_text_embeddings(self._text_encoder, names, list(self.clip_cfg.templates))
+        self.model.set_vocabulary(emb.to(self.device))
+        self.class_names = list(names)
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray | str | os.PathLike[str]) -> Prediction:
+        """Detect on an RGB ``uint8[H, W, 3]`` array, a PIL image or an image path."""
+        if isinstance(image, (str, Path)):
+            array = read_image_rgb(str(image))
+        else:
+            array = np.asarray(image)
+            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+                raise OVDError(f"expected an RGB uint8 (H, W, 3) image, got {array.dtype} {array.shape}")
+        params = self.augmentation.sample(array.shape[0], array.shape[1], np.random.default_rng(0))
+        tensor = torch.from_numpy(np.ascontiguousarray(params.apply_image(array))).permute(2, 0, 1)
+        det = self.model([tensor])[0]
+        boxes = params.inverse_boxes(det.boxes.float().cpu().numpy()).astype(np.float32)
+        labels = det.labels.cpu().numpy()
+        return Prediction(boxes, det.scores.float().cpu().numpy(), labels, [self.class_names[i] for i in labels])

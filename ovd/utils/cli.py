@@ -1,0 +1,29 @@
+"""Shared plumbing of the ``tools/`` scripts: logging set-up and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from ovd.errors import OVDError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main``; an :class:`OVDError` becomes one ``error: …`` line on stderr and exit code 2."""
+    try:
+        return int(main(argv) or 0)
+    except OVDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
