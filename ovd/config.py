@@ -56,6 +56,7 @@ class BackboneCfg:
     # "torchvision" (torchvision's IMAGENET1K_V1 weights, which must already be in the torch cache).
     weights: str = ""
     fpn_channels: int = 256  # FPN output channels (FPN backbones only)
+    fpn_min_level: int = 2  # finest FPN level: 2 = p2..p6 (stride 4, METHOD §1.4), 3 = p3..p6 (cheaper)
     tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tiny_fpn stage widths
 
 

@@ -70,11 +70,10 @@ def build_detector_for_dataset(
     info = get_dataset(dataset)
     records = load_dataset(info)
     counts = torch.as_tensor(category_image_counts(records, info.num_classes))
-    if dist.is_main_process():  # rank 0 fills the text-embedding cache first
-        emb = class_embeddings(cfg.clip, info.class_names, output_dir)
-    dist.synchronize()
-    if not dist.is_main_process():
-        emb = class_embeddings(cfg.clip, info.class_names, output_dir)
+    # Rank 0 computes (or reads) the embeddings and shares them, so every rank holds the same
+    # vocabulary even with a randomly initialised text encoder.
+    emb = class_embeddings(cfg.clip, info.class_names, output_dir) if dist.is_main_process() else None
+    emb = dist.all_gather_objects(emb)[0]
     model = build_model(cfg, class_embeddings=emb, class_image_counts=counts)
     return model, (info, records), emb
 

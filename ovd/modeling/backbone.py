@@ -113,19 +113,32 @@ def build_resnet50_c4(*, norm: str, freeze_at: int, weights: str) -> C4Parts:
     return C4Parts(trunk=trunk, res5=net.layer4, out_channels=1024, head_channels=2048)
 
 
-def build_resnet_fpn(*, depth: int, norm: str, freeze_at: int, weights: str, fpn_channels: int) -> BackboneWithFPN:
+FPN_MAX_LEVEL = 5  # p5 = last ResNet stage; the max-pool top block adds p6 ("pool")
+
+
+def _fpn(net: nn.Module, widths: list[int], fpn_channels: int, min_level: int) -> BackboneWithFPN:
+    """FPN over ResNet stages ``min_level..5`` (stage k has stride 2**k), outputs ``p{k}`` and ``pool``."""
+    if not 2 <= min_level <= FPN_MAX_LEVEL:
+        raise OVDError(f"fpn_min_level must be in 2..{FPN_MAX_LEVEL}, got {min_level}", field="model.backbone.fpn_min_level")
+    levels = range(min_level, FPN_MAX_LEVEL + 1)
+    return BackboneWithFPN(
+        net,
+        return_layers={f"layer{k - 1}": f"p{k}" for k in levels},
+        in_channels_list=[widths[k - 2] for k in levels],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def build_resnet_fpn(
+    *, depth: int, norm: str, freeze_at: int, weights: str, fpn_channels: int, min_level: int = 2
+) -> BackboneWithFPN:
     arch = f"resnet{depth}"
     net = getattr(resnet, arch)(weights=None, norm_layer=norm_layer(norm))
     _load_weights(net, weights, arch)
     _freeze([nn.ModuleList([net.conv1, net.bn1]), net.layer1][:freeze_at])
     width = 64 * (4 if depth >= 50 else 1)  # layer1 output channels
-    return BackboneWithFPN(
-        net,
-        return_layers={"layer1": "p2", "layer2": "p3", "layer3": "p4", "layer4": "p5"},
-        in_channels_list=[width, width * 2, width * 4, width * 8],
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
-    )
+    return _fpn(net, [width, width * 2, width * 4, width * 8], fpn_channels, min_level)
 
 
 class TinyResNet(nn.Module):
@@ -164,12 +177,5 @@ class TinyResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
 
-def build_tiny_fpn(*, widths: list[int], norm: str, fpn_channels: int) -> BackboneWithFPN:
-    net = TinyResNet(widths, norm_layer(norm))
-    return BackboneWithFPN(
-        net,
-        return_layers={"layer1": "p2", "layer2": "p3", "layer3": "p4", "layer4": "p5"},
-        in_channels_list=list(widths),
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
-    )
+def build_tiny_fpn(*, widths: list[int], norm: str, fpn_channels: int, min_level: int = 2) -> BackboneWithFPN:
+    return _fpn(TinyResNet(widths, norm_layer(norm)), list(widths), fpn_channels, min_level)

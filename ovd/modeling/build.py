@@ -46,7 +46,9 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
     elif b.name == "tiny_fpn":
         if b.weights:
             raise OVDError("tiny_fpn has no ImageNet weights", field="model.backbone.weights")
-        backbone = build_tiny_fpn(widths=list(b.tiny_widths), norm=b.norm, fpn_channels=b.fpn_channels)
+        backbone = build_tiny_fpn(
+            widths=list(b.tiny_widths), norm=b.norm, fpn_channels=b.fpn_channels, min_level=b.fpn_min_level
+        )
     else:
         raise OVDError(
             f"unknown backbone {b.name!r}; choose one of {', '.join(BACKBONES)}", field="model.backbone.name"
@@ -57,6 +59,7 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
         sampling_ratio=r.pooler_sampling_ratio,
         fc_dim=r.fc_dim,
         num_fc=r.num_fc,
+        min_level=b.fpn_min_level,
     )
     return backbone, region, b.fpn_channels, r.fc_dim
 

@@ -39,11 +39,13 @@ class C4RegionFeatures(nn.Module):
 
 
 class FPNRegionFeatures(nn.Module):
-    """Multi-level RoIAlign (p2–p5) → flatten → ``num_fc`` × (Linear, ReLU): ``Tensor[R, fc_dim]``."""
+    """Multi-level RoIAlign (``p{min_level}``–p5) → flatten → ``num_fc`` × (Linear, ReLU): ``Tensor[R, fc_dim]``."""
 
-    def __init__(self, *, in_channels: int, resolution: int, sampling_ratio: int, fc_dim: int, num_fc: int) -> None:
+    def __init__(
+        self, *, in_channels: int, resolution: int, sampling_ratio: int, fc_dim: int, num_fc: int, min_level: int = 2
+    ) -> None:
         super().__init__()
-        self.pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], resolution, sampling_ratio)
+        self.pooler = MultiScaleRoIAlign([f"p{k}" for k in range(min_level, 6)], resolution, sampling_ratio)
         layers: list[nn.Module] = [nn.Flatten()]
         dim = in_channels * resolution * resolution
         for _ in range(num_fc):

@@ -1,0 +1,66 @@
+"""Detect objects of any vocabulary in an image, a folder of images or a video.
+
+Writes annotated images (same names) or ``<stem>_annotated.mp4``, and ``OUTPUT/detections.json``.
+
+Example:
+    python tools/demo.py --checkpoint output/ovshapes/base/model_final.pth --input photo.png \
+        --output out/ --vocabulary "star, moon, tree"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ovd.demo import input_kind, parse_vocabulary, run_demo
+from ovd.predictor import Predictor
+from ovd.utils.cli import run_cli, setup_logging
+
+
+def confidence(value: str) -> float:
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return threshold
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model_final.pth written by tools/train_net.py")
+    p.add_argument("--input", required=True, help="an image, a folder of images, or a video (.mp4/.avi/.mov/.mkv)")
+    p.add_argument("--output", required=True, help="folder for the annotated files and detections.json")
+    p.add_argument(
+        "--vocabulary",
+        help="a registered dataset name (e.g. ovshapes_val), or comma-separated class names ('star, moon'); "
+        "any other text is one class name. Default: the checkpoint's vocabulary",
+    )
+    p.add_argument("--confidence", type=confidence, default=0.3, help="minimum score of a shown detection (0-1)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    input_kind(args.input)  # fail on a missing input before loading the model
+    vocabulary = parse_vocabulary(args.vocabulary) if args.vocabulary is not None else None
+    predictor = Predictor(args.checkpoint, confidence=args.confidence, device=args.device)
+    if vocabulary is not None:
+        predictor.set_vocabulary(vocabulary)
+    summary = run_demo(predictor, args.input, args.output, progress=not args.no_progress)
+    outputs = summary["outputs"]
+    annotated = outputs[0] if len(outputs) == 1 else f"{args.output} ({len(outputs)} annotated images)"
+    print(
+        f"{summary['num_detections']} detections on {summary['num_images']} "
+        f"{'frames' if summary['kind'] == 'video' else 'images'} → {annotated}, {summary['detections']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
