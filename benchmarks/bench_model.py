@@ -121,8 +121,10 @@ def build_pair(num_classes: int, args: argparse.Namespace) -> tuple[OpenVocabDet
         # min/max size = the input's short/long side: the transform's scale factor is exactly 1.
         min_size=min(h, w),
         max_size=max(h, w),
-        image_mean=[m / 255 for m in cfg.model.pixel_mean],
-        image_std=[s / 255 for s in cfg.model.pixel_std],
+        # torchvision is given float images on the 0–255 scale with our 0–255 statistics, so its
+        # normalisation is bit-identical to ours (``(x - mean) / std``) and so are features and proposals.
+        image_mean=list(cfg.model.pixel_mean),
+        image_std=list(cfg.model.pixel_std),
         rpn_pre_nms_top_n_train=RPN_TOP_N["pre_train"],
         rpn_pre_nms_top_n_test=RPN_TOP_N["pre_test"],
         rpn_post_nms_top_n_train=RPN_TOP_N["post_train"],
@@ -152,7 +154,7 @@ def build_pair(num_classes: int, args: argparse.Namespace) -> tuple[OpenVocabDet
 
 
 def make_inputs(batch: int, args: argparse.Namespace, num_classes: int, counts: Tensor, seed: int):
-    """Smooth random images (uint8 for ours, float [0,1] for torchvision) and random GT boxes."""
+    """Smooth random images (uint8 for ours, the same values as float for torchvision) and random GT boxes."""
     g = torch.Generator().manual_seed(seed)
     h, w = args.size
     images = []
@@ -171,7 +173,7 @@ def make_inputs(batch: int, args: argparse.Namespace, num_classes: int, counts: 
         labels = seen[torch.randint(len(seen), (n,), generator=g)]
         targets_ours.append({"boxes": boxes, "labels": labels})
         targets_tv.append({"boxes": boxes.clone(), "labels": labels + 1})  # torchvision: 0 = background
-    return images, [im.float() / 255 for im in images], targets_ours, targets_tv
+    return images, [im.float() for im in images], targets_ours, targets_tv
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,19 +301,25 @@ def calibrate(ours: OpenVocabDetector, tv: FasterRCNN, images_ours, images_tv, k
 # ------------------------------------------------------------------------------------------------
 
 
-def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Warm up each, then ``repeats`` rounds of every function, alternating which goes first."""
+def timed_interleaved(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm up each, then ``repeats`` rounds of every function, alternating which goes first.
+
+    Returns wall-clock and process CPU times (all threads) per function and round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def inner_loop(fn: Callable[[], Any], n: int) -> Callable[[], None]:
@@ -323,16 +331,21 @@ def inner_loop(fn: Callable[[], Any], n: int) -> Callable[[], None]:
 
 
 class Summary:
-    """Median times of ours and torchvision, overhead = median ratio − 1 and the paired ratios."""
+    """Median times of ours and torchvision, overhead = ratio of medians − 1, and the paired ratios;
+    for wall-clock time and (``.cpu``) process CPU time."""
 
-    def __init__(self, times: dict[str, list[float]], scale: float = 1.0) -> None:
-        self.ours = [t * scale for t in times[OURS]]
-        self.tv = [t * scale for t in times[TV]]
+    def __init__(self, times: tuple[dict[str, list[float]], dict[str, list[float]]], scale: float = 1.0) -> None:
+        wall, cpu = times
+        self.ours = [t * scale for t in wall[OURS]]
+        self.tv = [t * scale for t in wall[TV]]
         self.med_ours, self.med_tv = statistics.median(self.ours), statistics.median(self.tv)
         self.overhead = self.med_ours / self.med_tv - 1
         pairs = sorted(a / b - 1 for a, b in zip(self.ours, self.tv, strict=True))
         self.paired = statistics.median(pairs)
         self.paired_range = (pairs[0], pairs[-1])
+        self.cpu_ours = [t * scale for t in cpu[OURS]]
+        self.cpu_tv = [t * scale for t in cpu[TV]]
+        self.cpu_overhead = statistics.median(self.cpu_ours) / statistics.median(self.cpu_tv) - 1
 
 
 def train_step_fn(model: nn.Module, images, targets, lr: float) -> Callable[[], float]:
@@ -345,7 +358,7 @@ def train_step_fn(model: nn.Module, images, targets, lr: float) -> Callable[[], 
         total = sum(losses.values())
         total.backward()
         opt.step()
-        return float(total)
+        return float(total.detach())
 
     return step
 

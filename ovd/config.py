@@ -184,6 +184,9 @@ class Config:
     solver: SolverCfg = field(default_factory=SolverCfg)
     test: TestCfg = field(default_factory=TestCfg)
     init_weights: str = ""  # checkpoint whose model weights initialise training (a previous stage)
+    # In a pipeline (tools/run_pipeline.py): the stage whose final checkpoint initialises this recipe;
+    # the pipeline turns it into init_weights. Ignored by a plain train_net.py run.
+    init_stage: str = ""
     seed: int = 0  # seeds model init, data order and augmentation
     log_period: int = 20  # iterations between TensorBoard / log writes
     device: str = "auto"  # auto | cpu | cuda

@@ -319,7 +319,8 @@ def run_demo(
             raise OVDError("none of the images in this folder could be decoded", path=source)
     json_path = out_dir / DETECTIONS_FILE
     write_json(json_path, results.to_json())
-    logger.info("%s: %d detections on %d %s → %s", source, len(results.annotations), len(results.images), kind, out_dir)
+    unit = "frames" if kind == "video" else "images"
+    logger.info("%s: %d detections on %d %s → %s", source, len(results.annotations), len(results.images), unit, out_dir)
     return {
         "kind": kind,
         "num_images": len(results.images),

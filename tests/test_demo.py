@@ -116,8 +116,10 @@ def test_folder_sorted_by_name(predictor, images, tmp_path):
         else:
             cv2.imwrite(str(folder / name), cv2.imread(str(src)))
     (folder / "notes.txt").write_text("not an image")
+    (folder / "d.png").write_bytes(b"corrupt")  # skipped with a warning
     summary = run_demo(predictor, folder, tmp_path / "out", progress=False)
     assert summary["kind"] == "folder" and summary["num_images"] == 3
+    assert summary["skipped"] == [str(folder / "d.png")] and not (tmp_path / "out/d.png").exists()
     for name in ["a.png", "b.jpg", "c.png"]:
         assert cv2.imread(str(tmp_path / "out" / name)) is not None
     data = _check_detections(tmp_path / "out/detections.json", predictor.class_names, 3)

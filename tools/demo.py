@@ -1,4 +1,4 @@
-"""Detect objects of any vocabulary in an image, a folder of images or a video.
+r"""Detect objects of any vocabulary in an image, a folder of images or a video.
 
 Writes annotated images (same names) or ``<stem>_annotated.mp4``, and ``OUTPUT/detections.json``.
 
@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a registered dataset name (e.g. ovshapes_val), or comma-separated class names ('star, moon'); "
         "any other text is one class name. Default: the checkpoint's vocabulary",
     )
-    p.add_argument("--confidence", type=confidence, default=0.3, help="minimum score of a shown detection (0-1)")
+    p.add_argument(
+        "--confidence", type=confidence, default=0.3, help="minimum score of a shown detection, 0-1 (default: 0.3)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.add_argument("--verbose", action="store_true", help="debug logging")

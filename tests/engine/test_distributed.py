@@ -134,5 +134,6 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
         num += (d_ddp - d_single).pow(2).sum().item()
         den += d_single.pow(2).sum().item()
     assert den > 0  # the step changed the weights
-    # equal up to float summation order (measured: ~3e-6); a missing gradient all-reduce gives ~0.5
+    # equal up to float summation order (measured: ~3e-6); without the gradient all-reduce, rank 0
+    # would step on half of the batch only
     assert (num / den) ** 0.5 < 1e-3

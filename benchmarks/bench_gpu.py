@@ -1,0 +1,101 @@
+"""GPU timings of the reference-size detectors: training step (fp32 vs AMP) and inference latency.
+
+    python benchmarks/bench_gpu.py --backbone resnet50_c4 --classes 80 --size 800 1333
+
+Random weights and inputs; numbers are medians over --repeats after --warmup iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+
+from ovd.config import load_config
+from ovd.modeling.build import build_model
+
+
+def _time(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _train_step(model, opt, scaler, images, targets, amp: bool) -> None:
+    model.train()
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        loss = sum(model(images, targets).values())
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+@torch.no_grad()
+def _infer(model, images, amp: bool) -> None:
+    model.eval()
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        model(images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet50_c4", help="resnet50_c4 | resnet50_fpn")
+    parser.add_argument("--classes", type=int, nargs="+", default=[80, 1203], help="vocabulary sizes")
+    parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], help="image height width")
+    parser.add_argument("--batch", type=int, default=2, help="images per training step (reference: 2 per GPU)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations")
+    parser.add_argument("--repeats", type=int, default=20, help="timed iterations")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    h, w = args.size
+    print(
+        f"| backbone | classes | mode | train step (ms, batch {args.batch}) | inference (ms, 1 image) | peak mem (GB) |"
+    )
+    print("|---|---:|---|---:|---:|---:|")
+    for c in args.classes:
+        overrides = [f"model.backbone.name={args.backbone}"]
+        if args.backbone.endswith("fpn"):
+            overrides += ["model.rpn.anchor_sizes=[[32],[64],[128],[256],[512]]", "model.roi_heads.pooler_resolution=7"]
+        # A bias of -10 keeps random-weight sigmoid scores under the test threshold, as a trained
+        # model's are for most classes; otherwise NMS over ~C×1000 random candidates dominates.
+        overrides += ["model.classifier.use_bias=true", "model.classifier.bias_init=-10.0"]
+        cfg = load_config(None, overrides)
+        model = build_model(cfg, class_embeddings=torch.randn(c, 512)).to(dev)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        images = [torch.randint(0, 255, (3, h, w), dtype=torch.uint8, device=dev) for _ in range(args.batch)]
+        targets = [
+            {
+                "boxes": torch.tensor([[100.0, 120, 400, 500], [500, 200, 900, 700]], device=dev),
+                "labels": torch.tensor([1, 2], device=dev),
+            }
+            for _ in range(args.batch)
+        ]
+        for amp in (False, True):
+            scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+            step = functools.partial(_train_step, model, opt, scaler, images, targets, amp)
+            infer = functools.partial(_infer, model, images[:1], amp)
+
+            step()  # cuDNN autotuning happens here, outside the peak-memory window
+            torch.cuda.reset_peak_memory_stats()
+            t_train = _time(step, args.warmup, args.repeats)
+            t_infer = _time(infer, args.warmup, args.repeats)
+            mem = torch.cuda.max_memory_allocated() / 1e9
+            mode = "AMP fp16" if amp else "fp32"
+            print(f"| {args.backbone} | {c} | {mode} | {t_train * 1e3:.1f} | {t_infer * 1e3:.1f} | {mem:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

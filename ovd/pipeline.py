@@ -1,0 +1,147 @@
+"""Multi-stage pipelines: prepare data → teacher CLIP → detector stages → demo → ablation table.
+
+A pipeline file (``configs/*/pipeline.yaml``) lists detector stages, each a recipe in ``configs/``;
+a recipe names the stage it starts from with ``init_stage``. Running a pipeline again skips
+finished stages (those with ``eval/metrics.json``) and resumes the first unfinished one from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ovd.config import Config, _check_keys, load_config
+from ovd.data.catalog import get_dataset
+from ovd.errors import OVDError
+from ovd.utils.io import write_json
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP")
+
+
+@dataclass(frozen=True)
+class StageCfg:
+    name: str = ""  # stage name: its output folder and how later recipes refer to it (init_stage)
+    config: str = ""  # recipe file, relative to the pipeline file
+    overrides: list[str] = field(default_factory=list)  # key=value overrides of the recipe
+
+
+@dataclass(frozen=True)
+class PipelineCfg:
+    stages: list[StageCfg] = field(default_factory=list)  # detector stages, in order
+    teacher: bool = False  # train the OV-Shapes CLIP teacher first when it is missing
+    demo_images: int = 4  # validation images the final model is demonstrated on (0 = no demo)
+    demo_confidence: float = 0.3  # score threshold of the demo drawings
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
+    path = Path(path)
+    if not path.is_file():
+        raise OVDError("pipeline file not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise OVDError(f"malformed YAML: {e}", path=path) from e
+    _check_keys(data, PipelineCfg, "", str(path))
+    for i, stage in enumerate(data.get("stages") or []):
+        _check_keys(stage, StageCfg, f"stages[{i}].", str(path))
+    try:
+        cfg: PipelineCfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineCfg), data))  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise OVDError(f"invalid value: {str(e).splitlines()[0]}", path=path) from e
+    names = [s.name for s in cfg.stages]
+    if not names or len(set(names)) != len(names) or "" in names:
+        raise OVDError("stages need unique, non-empty names", path=path, field="stages")
+    return cfg
+
+
+def stage_config(pipeline_file: Path, stage: StageCfg, output_dir: Path, extra: list[str]) -> Config:
+    """The recipe of ``stage`` with ``init_stage`` resolved into ``init_weights``."""
+    cfg = load_config(pipeline_file.parent / stage.config, [*stage.overrides, *extra])
+    if cfg.init_stage:
+        cfg = replace(cfg, init_weights=str(output_dir / cfg.init_stage / "model_final.pth"))
+    return cfg
+
+
+def is_finished(stage_dir: Path) -> bool:
+    return (stage_dir / "eval" / "metrics.json").is_file() and (stage_dir / "model_final.pth").is_file()
+
+
+def format_ablation(rows: list[dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    lines = ["| stage | AP50 novel | AP50 base | AP50 all | AP |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | " + " | ".join(fmt(r.get(k)) for k in METRIC_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def run_pipeline(
+    pipeline_file: str | os.PathLike[str], output_dir: str | os.PathLike[str], overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run every stage of a pipeline file; returns ``{"stages": [...], "demo": path, "wall_time_s": t}``."""
+    from ovd.engine.trainer import train
+
+    start = time.perf_counter()
+    pipeline_file = Path(pipeline_file)
+    out = Path(output_dir)
+    pipe = load_pipeline(pipeline_file)
+    configs = [stage_config(pipeline_file, s, out, overrides or []) for s in pipe.stages]
+    known = {s.name for s in pipe.stages}
+    for stage, cfg in zip(pipe.stages, configs, strict=True):
+        if cfg.init_stage and cfg.init_stage not in known:
+            raise OVDError(f"init_stage {cfg.init_stage!r} is not a stage of this pipeline", field=f"{stage.name}.init_stage")
+    for name in {c.data.train for c in configs} | {c.data.test for c in configs if c.data.test}:
+        get_dataset(name)  # generates the built-in synthetic data on first use
+    if pipe.teacher:
+        from ovd.clip.teacher import ensure_teacher
+
+        ensure_teacher()
+    rows = []
+    for stage, cfg in zip(pipe.stages, configs, strict=True):
+        stage_dir = out / stage.name
+        if is_finished(stage_dir):
+            logger.info("stage %s: finished earlier, skipped", stage.name)
+            from ovd.utils.io import read_json
+
+            metrics = read_json(stage_dir / "eval" / "metrics.json")
+        else:
+            logger.info("stage %s: training %s", stage.name, stage.config)
+            metrics = train(cfg, stage_dir, resume=True)
+        rows.append({"stage": stage.name, **{k: metrics.get(k) for k in METRIC_KEYS}})
+    result: dict[str, Any] = {"stages": rows}
+    if pipe.demo_images > 0:
+        result["demo"] = str(_demo(configs[-1], out / pipe.stages[-1].name, out / "demo", pipe))
+    result["wall_time_s"] = round(time.perf_counter() - start, 1)
+    write_json(out / "ablation.json", result)
+    return result
+
+
+def _demo(cfg: Config, stage_dir: Path, demo_dir: Path, pipe: PipelineCfg) -> Path:
+    """Run the demo of the final model on the first validation images."""
+    from ovd.data.coco import load_dataset
+    from ovd.demo import run_demo
+    from ovd.predictor import Predictor
+
+    info = get_dataset(cfg.data.test)
+    records = load_dataset(info)[: pipe.demo_images]
+    inputs = demo_dir / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        link = inputs / Path(r.file_name).name
+        if not link.exists():
+            link.symlink_to(Path(r.file_name).resolve())
+    predictor = Predictor(stage_dir / "model_final.pth", confidence=pipe.demo_confidence)
+    run_demo(predictor, inputs, demo_dir, progress=False)
+    return demo_dir
