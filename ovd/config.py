@@ -118,11 +118,25 @@ class ClassifierCfg:
 
 
 @dataclass(frozen=True)
+class DistillCfg:
+    """Region-based knowledge distillation (RKD, METHOD §3): student region embeddings → CLIP's."""
+
+    enabled: bool = False  # add the L1 and IRM losses on the stored regions (needs data.region_store)
+    num_regions: int = 5  # stored regions used per image (NUM_DISTIL_PROP)
+    l1_weight: float = 0.15  # λ_L1 of mean |n(S) − n(T)| over R·D elements (LVIS recipe: 0.25)
+    irm_weight: float = 0.15  # λ_IRM of ‖G_S − G_T‖_F², a sum over R² entries (LVIS recipe: 0.13)
+    # Multiplies both weights: the reference's hidden rkd_temperature, so the effective weights
+    # are 15 and 15 on COCO (METHOD §3.5).
+    weight_scale: float = 100.0
+
+
+@dataclass(frozen=True)
 class ModelCfg:
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
     rpn: RPNCfg = field(default_factory=RPNCfg)
     roi_heads: RoIHeadsCfg = field(default_factory=RoIHeadsCfg)
     classifier: ClassifierCfg = field(default_factory=ClassifierCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
     # RGB pixel statistics on a 0–255 scale (torchvision ImageNet weights).
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -146,6 +160,9 @@ class DataCfg:
     train: str = "coco_ovd_train"  # catalog name of the box-annotated training set
     test: str = "coco_ovd_val"  # catalog name of the evaluation set
     num_workers: int = 2  # DataLoader worker processes per rank
+    # Region store of data.train (boxes + CLIP embeddings, tools/extract_region_embeddings.py),
+    # read when model.distill.enabled.
+    region_store: str = ""
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,34 @@ def box_regression_loss(pred_deltas: Tensor, target_deltas: Tensor, num_sampled:
     else:
         loss = F.smooth_l1_loss(pred_deltas, target_deltas, beta=beta, reduction="sum")
     return loss / max(num_sampled, 1)
+
+
+def distill_l1_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD point-wise loss ``mean_{r,d} |n(S)_rd − n(T)_rd|`` (METHOD §3.5, §10.5).
+
+    Args:
+        student, teacher: ``Tensor[R, D]`` region embeddings (normalised here).
+    Returns:
+        The mean over all ``R·D`` elements; 0 (with gradient) when ``R == 0``.
+    """
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    return (F.normalize(student, dim=1) - F.normalize(teacher, dim=1)).abs().mean()
+
+
+def irm_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Inter-embedding relationship matching ``‖rn(n(S) n(S)ᵀ) − rn(n(T) n(T)ᵀ)‖_F²`` (METHOD §3.5, §10.6).
+
+    ``n`` normalises rows, ``rn`` normalises each row of the ``R×R`` Gram matrix. The reduction is a
+    Frobenius **sum** (not a mean over ``R²``), as in the reference, so its scale grows with ``R``.
+
+    Args:
+        student, teacher: ``Tensor[R, D]`` region embeddings of the whole batch.
+    """
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    s = F.normalize(student, dim=1)  # (R, D)
+    t = F.normalize(teacher, dim=1)  # (R, D)
+    g_s = F.normalize(s @ s.T, dim=1)  # (R, R)
+    g_t = F.normalize(t @ t.T, dim=1)  # (R, R)
+    return (g_s - g_t).pow(2).sum()

@@ -101,7 +101,9 @@ def run_pipeline(
     known = {s.name for s in pipe.stages}
     for stage, cfg in zip(pipe.stages, configs, strict=True):
         if cfg.init_stage and cfg.init_stage not in known:
-            raise OVDError(f"init_stage {cfg.init_stage!r} is not a stage of this pipeline", field=f"{stage.name}.init_stage")
+            raise OVDError(
+                f"init_stage {cfg.init_stage!r} is not a stage of this pipeline", field=f"{stage.name}.init_stage"
+            )
     for name in {c.data.train for c in configs} | {c.data.test for c in configs if c.data.test}:
         get_dataset(name)  # generates the built-in synthetic data on first use
     if pipe.teacher:

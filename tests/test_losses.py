@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from ovd.data.builtin import COCO_CATEGORIES, _coco_split
-from ovd.losses import box_regression_loss, fed_loss_classes, sigmoid_ce_loss, zero_count_class_weight
+from ovd.losses import (
+    box_regression_loss,
+    distill_l1_loss,
+    fed_loss_classes,
+    irm_loss,
+    sigmoid_ce_loss,
+    zero_count_class_weight,
+)
 
 
 def bce(z: float, t: float) -> float:
@@ -74,3 +81,55 @@ def test_box_regression_loss_is_l1_over_sampled():
     assert box_regression_loss(pred, target, num_sampled=4, beta=1.0).item() == pytest.approx(2.0 / 4)
     empty = torch.zeros(0, 4, requires_grad=True)
     assert box_regression_loss(empty, empty.detach(), 10, 0.0).item() == 0.0
+
+
+# --- region distillation (METHOD §10.5, §10.6) ---------------------------------------------------
+S = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+T = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+
+
+def test_distill_l1_hand_computed():
+    # n(T) row 2 = (1/√2, 1/√2): |0 − 0.7071| + |1 − 0.7071| = 1, over 4 elements → 0.25
+    raw = distill_l1_loss(S, T).item()
+    assert raw == pytest.approx(0.25, abs=1e-6)
+    assert 0.15 * 100 * raw == pytest.approx(3.75, abs=1e-5)  # COCO weights
+    assert 0.25 * 100 * raw == pytest.approx(6.25, abs=1e-5)  # LVIS weights
+
+
+def test_irm_hand_computed():
+    raw = irm_loss(S, T).item()
+    # G_S = I; G_T rows = rn([1, a], [a, 1]) with a = 1/√2 → each row (1, a)/√1.5: difference
+    # 2·(1 − 1/√1.5)² + 2·(a/√1.5)² = 0.734014
+    expected = 2 * (1 - 1 / math.sqrt(1.5)) ** 2 + 2 * (1 / math.sqrt(2) / math.sqrt(1.5)) ** 2
+    assert raw == pytest.approx(expected, abs=1e-6)
+    assert raw == pytest.approx(0.734014, abs=1e-6)
+    assert 0.15 * 100 * raw == pytest.approx(11.010205, abs=1e-4)
+    assert 0.13 * 100 * raw == pytest.approx(9.542178, abs=1e-4)
+
+
+@pytest.mark.parametrize("loss", [distill_l1_loss, irm_loss])
+def test_distill_invariances(loss):
+    torch.manual_seed(0)
+    s, t = torch.randn(7, 16), torch.randn(7, 16)
+    assert loss(t, t).item() == pytest.approx(0.0, abs=1e-6)  # identical student and teacher
+    perm = torch.randperm(7)
+    assert loss(s[perm], t[perm]).item() == pytest.approx(loss(s, t).item(), rel=1e-5)  # row permutation
+    scale = torch.rand(7, 1) + 0.5
+    assert loss(s * scale, t).item() == pytest.approx(loss(s, t).item(), rel=1e-5)  # positive row scaling
+    empty = torch.zeros(0, 16, requires_grad=True)
+    value = loss(empty, torch.zeros(0, 16))
+    value.backward()
+    assert value.item() == 0.0 and empty.grad is not None
+
+
+def test_irm_is_a_sum_not_a_mean():
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    loop = 0.0
+    gs = torch.nn.functional.normalize(s, dim=1)
+    gt = torch.nn.functional.normalize(t, dim=1)
+    a, b = gs @ gs.T, gt @ gt.T
+    for i in range(4):  # slow reference: normalise each Gram row, sum squared differences
+        ra, rb = a[i] / a[i].norm(), b[i] / b[i].norm()
+        loop += ((ra - rb) ** 2).sum().item()
+    assert irm_loss(s, t).item() == pytest.approx(loop, rel=1e-5)

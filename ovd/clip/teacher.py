@@ -427,8 +427,11 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
         "novel_classes": list(cfg.novel_classes),
         "accuracy": accuracy,
         "losses": [round(v, 5) for v in losses],
-        "seconds": {"render": round(render_s, 2), "train": round(train_s, 2),
-                    "total": round(time.perf_counter() - start, 2)},  # fmt: skip
+        "seconds": {
+            "render": round(render_s, 2),
+            "train": round(train_s, 2),
+            "total": round(time.perf_counter() - start, 2),
+        },  # fmt: skip
         "torch_threads": torch.get_num_threads(),
         "open_clip_version": open_clip.__version__,
         "torch_version": torch.__version__,

@@ -26,7 +26,7 @@ import logging
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -84,7 +84,9 @@ class DetectionDataset(Dataset):
     * ``boxes``: ``float32 Tensor[N, 4]`` xyxy on the transformed image (degenerate boxes dropped);
     * ``labels``: ``int64 Tensor[N]``; ``pos_labels``: ``int64 Tensor[L]``;
     * ``image_id`` (int), ``orig_size`` ``(h, w)``, ``params`` (:class:`TransformParams`),
-      ``ann_type`` (str), ``file_name`` (str).
+      ``ann_type`` (str), ``file_name`` (str);
+    * with ``regions``: ``distill_boxes`` ``float32 Tensor[K, 4]`` (the first ``num_regions`` stored
+      boxes, transformed like the image) and ``distill_embeddings`` ``float32 Tensor[K, D]``.
 
     Args:
         records: the images.
@@ -93,10 +95,20 @@ class DetectionDataset(Dataset):
             ``(index, sample_seed)`` by ``sample_seed`` alone.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], augmentation: ResizeFlipAugmentation, *, seed: int = 0):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        augmentation: ResizeFlipAugmentation,
+        *,
+        seed: int = 0,
+        regions: RegionLookup | None = None,
+        num_regions: int = 0,
+    ):
         self.records = records
         self.augmentation = augmentation
         self.seed = seed
+        self.regions = regions
+        self.num_regions = num_regions
 
     def __len__(self) -> int:
         return len(self.records)
@@ -119,8 +131,8 @@ class DetectionDataset(Dataset):
         params = self.augmentation.sample(rec.height, rec.width, rng)
         img = params.apply_image(img)  # (H, W, 3)
         boxes = params.apply_boxes(rec.boxes)  # (N, 4)
-        keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE_PX) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE_PX)
-        return {
+        keep = _non_degenerate(boxes)
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),  # (3, H, W)
             "boxes": torch.from_numpy(boxes[keep]),
             "labels": torch.from_numpy(np.asarray(rec.labels, dtype=np.int64)[keep]),
@@ -131,6 +143,26 @@ class DetectionDataset(Dataset):
             "ann_type": rec.ann_type,
             "file_name": rec.file_name,
         }
+        if self.regions is not None:
+            # stored CLIP regions follow exactly the image's geometric transform (METHOD §3.3)
+            r_boxes, r_emb = self.regions.lookup(int(rec.image_id))
+            r_boxes = params.apply_boxes(r_boxes[: self.num_regions])  # (K, 4)
+            r_keep = _non_degenerate(r_boxes)
+            item["distill_boxes"] = torch.from_numpy(r_boxes[r_keep])
+            item["distill_embeddings"] = torch.from_numpy(np.asarray(r_emb[: self.num_regions], np.float32)[r_keep])
+        return item
+
+
+def _non_degenerate(boxes: np.ndarray) -> np.ndarray:
+    """``bool[N]``: boxes whose sides are at least ``MIN_BOX_SIDE_PX``."""
+    return ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE_PX) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE_PX)
+
+
+class RegionLookup(Protocol):
+    """Anything that returns the stored regions of an image: ``float32[K, 4]`` original-image boxes
+    and ``[K, D]`` embeddings (e.g. :class:`ovd.distill.store.RegionStore`)."""
+
+    def lookup(self, image_id: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -293,6 +325,8 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_iter: int = 0,
+    regions: RegionLookup | None = None,
+    num_regions: int = 0,
 ) -> DataLoader:
     """Infinite training loader yielding ``list[dict]`` batches (see :class:`DetectionDataset`).
 
@@ -304,6 +338,8 @@ def build_train_loader(
         num_workers: decoding processes (0 = in the main process).
         rank, world_size: distributed shard.
         start_iter: batches to skip, to resume the exact data order.
+        regions, num_regions: stored distillation regions added to every item (see
+            :class:`DetectionDataset`).
     """
     sampler = GroupedBatchSampler(
         records, batch_size, seed=seed, rank=rank, world_size=world_size, start_iter=start_iter
@@ -311,7 +347,7 @@ def build_train_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
-        DetectionDataset(records, augmentation, seed=seed),
+        DetectionDataset(records, augmentation, seed=seed, regions=regions, num_regions=num_regions),
         batch_sampler=sampler,
         collate_fn=collate_list,
         num_workers=num_workers,

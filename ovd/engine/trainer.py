@@ -34,6 +34,26 @@ from ovd.modeling.detector import OpenVocabDetector
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+_TARGET_KEYS = ("boxes", "labels", "distill_boxes", "distill_embeddings")
+
+
+def _region_store(cfg: Config, records: list) -> Any:
+    """The region store of ``data.region_store`` when distillation is on (checked against the data)."""
+    if not cfg.model.distill.enabled:
+        return None
+    if not cfg.data.region_store:
+        raise OVDError("model.distill.enabled needs a region store", field="data.region_store")
+    from ovd.distill.store import RegionStore
+
+    store = RegionStore.open(cfg.data.region_store)
+    missing = store.missing([r.image_id for r in records])
+    if len(missing):
+        raise OVDError(
+            f"{len(missing)} of {len(records)} training images have no stored regions (e.g. image ids "
+            f"{list(missing[:5])}); was the store extracted for {cfg.data.train}?",
+            path=cfg.data.region_store,
+        )
+    return store
 
 
 def build_optimizer(solver: SolverCfg, model: nn.Module) -> torch.optim.SGD:
@@ -177,7 +197,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         t0 = time.perf_counter()
         batch = next(data_iter)
         images = [b["image"] for b in batch]
-        targets = [{"boxes": b["boxes"], "labels": b["labels"]} for b in batch]
+        targets = [{k: b[k] for k in _TARGET_KEYS if k in b} for b in batch]
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             losses = model(images, targets)
         total = sum(losses.values())

@@ -119,7 +119,9 @@ FPN_MAX_LEVEL = 5  # p5 = last ResNet stage; the max-pool top block adds p6 ("po
 def _fpn(net: nn.Module, widths: list[int], fpn_channels: int, min_level: int) -> BackboneWithFPN:
     """FPN over ResNet stages ``min_level..5`` (stage k has stride 2**k), outputs ``p{k}`` and ``pool``."""
     if not 2 <= min_level <= FPN_MAX_LEVEL:
-        raise OVDError(f"fpn_min_level must be in 2..{FPN_MAX_LEVEL}, got {min_level}", field="model.backbone.fpn_min_level")
+        raise OVDError(
+            f"fpn_min_level must be in 2..{FPN_MAX_LEVEL}, got {min_level}", field="model.backbone.fpn_min_level"
+        )
     levels = range(min_level, FPN_MAX_LEVEL + 1)
     return BackboneWithFPN(
         net,

@@ -75,7 +75,7 @@ def build_model(
         class_image_counts: ``Tensor[C]`` training images per class; needed when
             ``model.classifier.ignore_zero_cats`` or ``use_fed_loss`` is on (``None`` = no masking).
     """
-    m, c, r = cfg.model, cfg.model.classifier, cfg.model.roi_heads
+    m, c, r, d = cfg.model, cfg.model.classifier, cfg.model.roi_heads, cfg.model.distill
     torch.manual_seed(cfg.seed)
     backbone, region, channels, feat_dim = _backbone_and_region_features(cfg)
     if class_image_counts is not None and class_image_counts.shape[0] != class_embeddings.shape[0]:
@@ -110,6 +110,8 @@ def build_model(
         score_thresh=r.score_thresh_test,
         nms_thresh=r.nms_thresh_test,
         detections_per_image=r.detections_per_image,
+        distill_l1_weight=d.l1_weight * d.weight_scale if d.enabled else 0.0,
+        distill_irm_weight=d.irm_weight * d.weight_scale if d.enabled else 0.0,
     )
     p = m.rpn
     rpn = build_rpn(

@@ -53,6 +53,10 @@ class OpenVocabDetector(nn.Module):
         return self.pixel_mean.device
 
     @property
+    def distill_enabled(self) -> bool:
+        return self.roi_heads.distill_l1_weight > 0 or self.roi_heads.distill_irm_weight > 0
+
+    @property
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
 
@@ -75,11 +79,31 @@ class OpenVocabDetector(nn.Module):
     def features(self, images: ImageList) -> OrderedDict[str, Tensor]:
         return self.backbone(images.tensors)
 
+    @torch.no_grad()
+    def propose(self, images: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Class-agnostic proposals: RPN boxes refined by the box regressor, scored by RPN objectness.
+
+        Returns per image (``Tensor[P_i, 4]`` boxes in input-image pixels, ``Tensor[P_i]`` scores in
+        ``[0, 1]``), sorted by score. Used as a proposal source for region distillation.
+        """
+        batch = self.preprocess(images)
+        feats = self.features(batch)
+        boxes, scores = self.rpn.proposals_with_scores(batch, feats)
+        refined = self.roi_heads.refine_boxes(feats, boxes, batch.image_sizes)
+        out = []
+        for b, s in zip(refined, scores, strict=True):
+            order = s.argsort(descending=True)
+            out.append((b[order], s[order]))
+        return out
+
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[Detections]:
-        """Training: ``targets`` (``boxes`` float[N, 4], ``labels`` int64[N]) → dict of losses.
-        Inference: a list of :class:`Detections`, one per image."""
+        """Training: ``targets`` → dict of losses; inference: a list of :class:`Detections`.
+
+        Each target holds ``boxes`` float[N, 4] and ``labels`` int64[N], and for region distillation
+        ``distill_boxes`` float[K, 4] with ``distill_embeddings`` float[K, D].
+        """
         batch = self.preprocess(images)
         feats = self.features(batch)
         if targets is not None:
@@ -87,5 +111,15 @@ class OpenVocabDetector(nn.Module):
         proposals, rpn_losses = self.rpn(batch, feats, targets if self.training else None)
         detections, roi_losses = self.roi_heads(feats, proposals, batch.image_sizes, targets)
         if self.training:
-            return {**rpn_losses, **roi_losses}
+            losses = {**rpn_losses, **roi_losses}
+            if self.distill_enabled:
+                if targets is None or any("distill_boxes" not in t for t in targets):
+                    raise ValueError("region distillation is on but the batch has no distill_boxes")
+                losses |= self.roi_heads.distill_losses(
+                    feats,
+                    [t["distill_boxes"] for t in targets],
+                    [t["distill_embeddings"] for t in targets],
+                    batch.image_sizes,
+                )
+            return losses
         return detections

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import MultiScaleRoIAlign, RoIAlign, batched_nms, box_iou, clip_boxes_to_image
 
-from ovd.losses import box_regression_loss, fed_loss_classes, sigmoid_ce_loss
+from ovd.losses import box_regression_loss, distill_l1_loss, fed_loss_classes, irm_loss, sigmoid_ce_loss
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.structures import Detections
 
@@ -94,6 +94,7 @@ class OpenVocabRoIHeads(nn.Module):
         smooth_l1_beta: box loss beta (0 = L1).
         cls_loss_weight, box_loss_weight: loss multipliers.
         score_thresh, nms_thresh, detections_per_image: inference.
+        distill_l1_weight, distill_irm_weight: effective RKD loss weights (0 = off).
     """
 
     def __init__(
@@ -117,6 +118,8 @@ class OpenVocabRoIHeads(nn.Module):
         score_thresh: float,
         nms_thresh: float,
         detections_per_image: int,
+        distill_l1_weight: float = 0.0,
+        distill_irm_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.region_features = region_features
@@ -135,6 +138,8 @@ class OpenVocabRoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
+        self.distill_l1_weight = distill_l1_weight
+        self.distill_irm_weight = distill_irm_weight
 
     @property
     def num_classes(self) -> int:
@@ -201,6 +206,36 @@ class OpenVocabRoIHeads(nn.Module):
         loss_box = box_regression_loss(deltas[fg].float(), target, gt_classes.numel(), self.smooth_l1_beta)
         return {"loss_cls": self.cls_loss_weight * loss_cls, "loss_box_reg": self.box_loss_weight * loss_box}
 
+    def region_embeddings(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> Tensor:
+        """Student embeddings ``Tensor[R, D]`` (not normalised) of ``boxes``: the detection RoI feature
+        extractor followed by the classifier's projection (METHOD §3.4)."""
+        return self.classifier.project(self.region_features(features, boxes, image_sizes))
+
+    def distill_losses(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        teacher: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """RKD losses between student and stored CLIP embeddings of the regions of the whole batch.
+
+        Args:
+            boxes: per image ``Tensor[K_i, 4]`` on the input image.
+            teacher: per image ``Tensor[K_i, D]`` CLIP image embeddings.
+        """
+        if sum(len(b) for b in boxes) == 0:
+            zero = self.classifier.linear.weight.sum() * 0.0  # keeps every rank's graph alike under DDP
+            return {"loss_distill_l1": zero, "loss_irm": zero}
+        student = self.region_embeddings(features, boxes, image_sizes).float()  # (R, D)
+        target = torch.cat(teacher).float()  # (R, D)
+        return {
+            "loss_distill_l1": self.distill_l1_weight * distill_l1_loss(student, target),
+            "loss_irm": self.distill_irm_weight * irm_loss(student, target),
+        }
+
     # -- inference -------------------------------------------------------------------------------
 
     def predict(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
@@ -219,6 +254,17 @@ class OpenVocabRoIHeads(nn.Module):
             kept = batched_nms(det_boxes, det_scores, cls, self.nms_thresh)[: self.detections_per_image]
             results.append(Detections(det_boxes[kept], det_scores[kept], cls[kept]))
         return results
+
+    def refine_boxes(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[Tensor]:
+        """Apply the class-agnostic box regressor to ``boxes`` (per image ``Tensor[P_i, 4]``)."""
+        x = self.region_features(features, boxes, image_sizes)  # (R, D')
+        decoded = self.box_coder.decode_single(self.box_regressor(x).float(), torch.cat(boxes))  # (R, 4)
+        return [
+            clip_boxes_to_image(b, size)
+            for b, size in zip(decoded.split([len(b) for b in boxes]), image_sizes, strict=True)
+        ]
 
     def forward(
         self,

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 
 class OpenVocabRPN(RegionProposalNetwork):
@@ -17,6 +18,23 @@ class OpenVocabRPN(RegionProposalNetwork):
         super().__init__(*args, **kwargs)
         self.smooth_l1_beta = smooth_l1_beta
         self.loss_weight = loss_weight
+
+    @torch.no_grad()
+    def proposals_with_scores(
+        self, images: ImageList, features: dict[str, Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Inference-time proposals with their objectness probabilities.
+
+        The same steps as torchvision's ``forward`` (head → anchors → decode → per-level top-k, NMS),
+        keeping the scores that ``forward`` drops. Returns per image ``Tensor[P_i, 4]`` and ``Tensor[P_i]``.
+        """
+        feats = list(features.values())
+        objectness, deltas = self.head(feats)
+        anchors = self.anchor_generator(images, feats)
+        num_per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        return self.filter_proposals(proposals, objectness, images.image_sizes, num_per_level)
 
     def compute_loss(
         self,
