@@ -188,6 +188,9 @@ class SolverCfg:
 class TestCfg:
     eval_period: int = 0  # evaluate every N iterations during training (0 = only at the end)
     batch_size: int = 1  # images per inference batch per rank
+    # Also report student-vs-CLIP fidelity on the test set's ground-truth regions (cosine, zero-shot
+    # top-1 agreement, base vs novel); runs the CLIP image encoder of `clip` on those crops.
+    region_fidelity: bool = False
 
 
 @dataclass(frozen=True)

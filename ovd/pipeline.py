@@ -37,8 +37,19 @@ class StageCfg:
 
 
 @dataclass(frozen=True)
+class RegionsCfg:
+    """Class-agnostic regions + CLIP embeddings for region distillation (METHOD §3.1–§3.2)."""
+
+    proposals: str = ""  # stage whose final checkpoint proposes the regions, or a COCO results JSON ("" = none)
+    k: int = 5  # regions kept per image after class-agnostic NMS
+    nms_thresh: float = 0.5  # class-agnostic NMS IoU
+    batch_size: int = 256  # crops per CLIP forward pass
+
+
+@dataclass(frozen=True)
 class PipelineCfg:
     stages: list[StageCfg] = field(default_factory=list)  # detector stages, in order
+    regions: RegionsCfg = field(default_factory=RegionsCfg)  # the store read by stages with distillation
     teacher: bool = False  # train the OV-Shapes CLIP teacher first when it is missing
     demo_images: int = 4  # validation images the final model is demonstrated on (0 = no demo)
     demo_confidence: float = 0.3  # score threshold of the demo drawings
@@ -53,6 +64,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
     except yaml.YAMLError as e:
         raise OVDError(f"malformed YAML: {e}", path=path) from e
     _check_keys(data, PipelineCfg, "", str(path))
+    _check_keys(data.get("regions") or {}, RegionsCfg, "regions.", str(path))
     for i, stage in enumerate(data.get("stages") or []):
         _check_keys(stage, StageCfg, f"stages[{i}].", str(path))
     try:
@@ -66,11 +78,49 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
 
 
 def stage_config(pipeline_file: Path, stage: StageCfg, output_dir: Path, extra: list[str]) -> Config:
-    """The recipe of ``stage`` with ``init_stage`` resolved into ``init_weights``."""
+    """The recipe of ``stage`` with ``init_stage`` resolved into ``init_weights`` and, for a
+    distillation recipe without its own store, the pipeline's region store."""
     cfg = load_config(pipeline_file.parent / stage.config, [*stage.overrides, *extra])
     if cfg.init_stage:
         cfg = replace(cfg, init_weights=str(output_dir / cfg.init_stage / "model_final.pth"))
+    if cfg.model.distill.enabled and not cfg.data.region_store:
+        cfg = replace(cfg, data=replace(cfg.data, region_store=str(regions_path(output_dir, cfg.data.train))))
     return cfg
+
+
+def regions_path(output_dir: Path, dataset: str) -> Path:
+    return output_dir / "regions" / dataset
+
+
+def ensure_regions(pipe: PipelineCfg, cfg: Config, output_dir: Path) -> Path:
+    """Extract (or finish extracting) the region store of ``cfg.data.train`` for ``cfg``'s CLIP."""
+    from ovd.clip import create_clip
+    from ovd.data.coco import load_dataset
+    from ovd.distill.extract import extract_region_embeddings
+    from ovd.distill.proposals import build_proposal_source
+    from ovd.distill.store import store_is_complete
+
+    path = Path(cfg.data.region_store)
+    if store_is_complete(path):
+        return path
+    r = pipe.regions
+    if not r.proposals:
+        raise OVDError("a stage distils regions but the pipeline names no proposal source", field="regions.proposals")
+    spec = output_dir / r.proposals / "model_final.pth" if not r.proposals.endswith(".json") else Path(r.proposals)
+    source = build_proposal_source(spec, min_size=cfg.input.min_size_test, max_size=cfg.input.max_size_test)
+    clip = create_clip(cfg.clip.model, cfg.clip.pretrained or None)
+    logger.info("extracting %d regions per image of %s with %s", r.k, cfg.data.train, spec)
+    return extract_region_embeddings(
+        load_dataset(get_dataset(cfg.data.train)),
+        source,
+        clip,
+        path,
+        k=r.k,
+        nms_thresh=r.nms_thresh,
+        batch_size=r.batch_size,
+        num_workers=cfg.data.num_workers,
+        dataset_name=cfg.data.train,
+    )
 
 
 def is_finished(stage_dir: Path) -> bool:
@@ -119,6 +169,8 @@ def run_pipeline(
 
             metrics = read_json(stage_dir / "eval" / "metrics.json")
         else:
+            if cfg.model.distill.enabled:
+                ensure_regions(pipe, cfg, out)
             logger.info("stage %s: training %s", stage.name, stage.config)
             metrics = train(cfg, stage_dir, resume=True)
         rows.append({"stage": stage.name, **{k: metrics.get(k) for k in METRIC_KEYS}})

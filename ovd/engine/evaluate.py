@@ -63,6 +63,39 @@ def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progres
     return [r for part in gathered for r in part]
 
 
+def _fidelity(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: Path) -> dict[str, Any]:
+    """Region fidelity of the student (see :mod:`ovd.distill.fidelity`) on ``info``'s ground truth."""
+    from ovd.clip import create_clip
+    from ovd.distill.extract import extract_region_embeddings
+    from ovd.distill.fidelity import KEEP_ALL_NMS, GroundTruthProposals, region_fidelity
+    from ovd.distill.store import RegionStore, store_is_complete
+
+    records = [r for r in load_dataset(info) if len(r.boxes)]
+    path = output_dir / "fidelity_regions"
+    if not store_is_complete(path):
+        clip = create_clip(cfg.clip.model, cfg.clip.pretrained or None, device=model.device)
+        extract_region_embeddings(
+            records,
+            GroundTruthProposals(),
+            clip,
+            path,
+            k=max(len(r.boxes) for r in records),
+            nms_thresh=KEEP_ALL_NMS,
+            num_workers=cfg.data.num_workers,
+            dataset_name=info.name,
+            progress=False,
+        )
+    return region_fidelity(
+        model,
+        records,
+        RegionStore.open(path),
+        model.roi_heads.classifier.vocabulary[:-1],
+        base_classes=info.base_classes,
+        novel_classes=info.novel_classes,
+        augmentation=test_augmentation(cfg),
+    )
+
+
 def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Predict, score (novel / base / all AP50) and write ``metrics.json``, the per-class table and
     the detections under ``output_dir`` (rank 0). Returns the metrics on every rank."""
@@ -76,6 +109,8 @@ def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str |
             novel_category_ids=[info.category_ids[i] for i in info.novel_classes],
         )
         metrics["dataset"] = info.name
+        if cfg.test.region_fidelity:
+            metrics |= _fidelity(model, info, cfg, Path(output_dir))
         path = write_report(metrics, Path(output_dir), detections=detections)
         logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_table(metrics), path)
     return dist.all_gather_objects(metrics)[0]

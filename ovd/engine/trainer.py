@@ -182,6 +182,8 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         rank=dist.get_rank(),
         world_size=world,
         start_iter=start_iter,
+        regions=_region_store(cfg, records),
+        num_regions=cfg.model.distill.num_regions,
     )
     writer = SummaryWriter(str(out / "tensorboard")) if dist.is_main_process() else None
     bar = tqdm(

@@ -1,0 +1,635 @@
+"""Batched, resumable, shardable extraction of CLIP embeddings of proposal crops (METHOD §3.1-§3.2).
+
+Per image: the source's proposals are clipped to the image, reduced by :func:`select_top_k` (NMS,
+top ``K``), each box is cropped from the **original** image and encoded with the CLIP image tower
+after open_clip's own eval preprocessing (:class:`CropPreprocess`: shortest side to the input size
+with bicubic resampling, centre crop, CLIP mean/std). Unlike the reference loop (one PIL crop and
+one batch-1 forward at a time, exceptions swallowed), images are decoded and cropped in DataLoader
+workers, crops of many images share one ``encode_images`` call, and every failure raises.
+
+Work is split into fixed **chunks** of consecutive images of a shard; a finished chunk is written
+atomically as ``<out>/parts/shard{i}-chunk{j}.npz``. A rerun skips finished chunks (after checking
+they come from the same extraction), so a killed run resumes where it stopped. When every chunk of
+every shard exists, the parts are merged into the store (:mod:`ovd.distill.store`). Batches never
+span two chunks, so a resumed run gives the same bytes as an uninterrupted one.
+
+Shape shorthand: ``P`` raw proposals of one image, ``K`` kept regions per image, ``B`` crops per
+CLIP forward, ``D`` CLIP embedding dim, ``h x w`` CLIP input size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ovd.clip.model import ClipBundle
+from ovd.data.loader import read_image_rgb
+from ovd.distill.proposals import FileProposals, ProposalSource, clip_to_image, select_top_k
+from ovd.distill.store import (
+    STORE_FORMAT,
+    STORE_VERSION,
+    MergeInProgressError,
+    RegionStore,
+    check_part,
+    content_key,
+    expected_parts,
+    image_ids_sha256,
+    merge_store,
+    part_path,
+    shard_chunks,
+    store_is_complete,
+    write_part,
+)
+from ovd.errors import OVDError
+from ovd.structures import ImageRecord
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_K = 5  # METHOD §3.1: top_N = 5 proposals per image
+DEFAULT_NMS_THRESH = 0.5  # METHOD §3.1: class-agnostic NMS at IoU 0.5
+_PIL_RESAMPLE = {
+    T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+}
+RESIZE_BACKENDS = ("pil", "tensor")
+"""Where crops are resized: PIL in the DataLoader workers, or torch on the CLIP's device."""
+_PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")  # no-ops on RGB crops
+
+
+# --------------------------------------------------------------------------------------------------
+# Crop preprocessing: open_clip's eval transform, applied to a box of a decoded image
+# --------------------------------------------------------------------------------------------------
+
+
+def crop_box_pixels(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """Integer crop rectangle ``(x0, y0, x1, y1)`` of an xyxy box: corners rounded half up, at least
+    1 px wide and high, inside the image. Integer boxes are cropped exactly as ``PIL.Image.crop``."""
+    x0 = min(max(math.floor(float(box[0]) + 0.5), 0), width - 1)
+    y0 = min(max(math.floor(float(box[1]) + 0.5), 0), height - 1)
+    x1 = min(max(math.floor(float(box[2]) + 0.5), x0 + 1), width)
+    y1 = min(max(math.floor(float(box[3]) + 0.5), y0 + 1), height)
+    return x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class CropPreprocess:
+    """open_clip's eval transform (``Resize(short) → CenterCrop → ToTensor → Normalize``) as data.
+
+    Attributes:
+        resize: length of the shorter side after resizing, pixels.
+        crop_size: ``(h, w)`` of the centre crop = the CLIP input size.
+        interpolation: ``"bicubic"`` or ``"bilinear"`` (PIL's antialiased filters, as torchvision uses
+            on PIL images).
+        mean, std: per-channel RGB normalisation on the 0-1 scale.
+    """
+
+    resize: int
+    crop_size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_clip(cls, clip: ClipBundle) -> CropPreprocess:
+        """Read the parameters off ``clip.preprocess``.
+
+        Raises:
+            OVDError: the transform is not a ``Resize(int) + CenterCrop + Normalize`` pipeline (e.g.
+                open_clip's ``squash``/``longest`` resize modes), so it cannot be reproduced exactly.
+        """
+        resize = crop = mean = std = interp = None
+        for t in getattr(clip.preprocess, "transforms", []):
+            if isinstance(t, T.Resize):
+                size = [t.size] if isinstance(t.size, int) else list(t.size)
+                if len(size) != 1 or t.max_size is not None or t.interpolation not in _PIL_RESAMPLE:
+                    raise OVDError(f"unsupported CLIP resize {t!r}: only shortest-side bicubic/bilinear resizes")
+                resize, interp = int(size[0]), t.interpolation.value
+            elif isinstance(t, T.CenterCrop):
+                crop = (int(t.size[0]), int(t.size[1]))
+            elif isinstance(t, T.Normalize):
+                mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+            elif type(t).__name__ not in _PASS_THROUGH and getattr(t, "__name__", "") not in _PASS_THROUGH:
+                raise OVDError(f"unsupported transform {t!r} in the CLIP preprocess of {clip.model_name}")
+        if resize is None or crop is None or mean is None or std is None:
+            raise OVDError(f"the CLIP preprocess of {clip.model_name} is not Resize + CenterCrop + Normalize")
+        if max(crop) > resize or crop != tuple(clip.image_size):
+            raise OVDError(f"centre crop {crop} does not fit resize {resize} / CLIP input {clip.image_size}")
+        return cls(resize, crop, interp, mean, std)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resize": self.resize,
+            "crop_size": list(self.crop_size),
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(w, h)`` after the shortest-side resize, truncated exactly as torchvision does."""
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def crop_resize(self, image: Image.Image, rect: tuple[int, int, int, int]) -> np.ndarray:
+        """Crop ``rect`` from ``image`` and apply resize + centre crop.
+
+        Returns:
+            ``uint8[h, w, 3]``, equal to ``clip.preprocess(image.crop(rect))`` before ToTensor/Normalize.
+        """
+        crop = image.crop(rect)
+        w, h = crop.size
+        nw, nh = self.resized_size(w, h)
+        if (nw, nh) != (w, h):  # torchvision skips a resize to the same size
+            crop = crop.resize((nw, nh), _PIL_RESAMPLE[T.InterpolationMode(self.interpolation)])
+        ch, cw = self.crop_size
+        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))  # torchvision center_crop
+        return np.asarray(crop)[top : top + ch, left : left + cw]
+
+    def crop_resize_tensor(self, image: Tensor, rect: tuple[int, int, int, int]) -> Tensor:
+        """The same on a ``float Tensor[3, H, W]`` RGB image with values 0-255, on any device.
+
+        This is what ``clip.preprocess`` does to a ``uint8`` tensor crop (torchvision's tensor
+        resize: antialiased bicubic ``F.interpolate``, clamped and rounded to integers), which
+        differs from the PIL path by about one intensity level (PIL rounds between its two passes).
+
+        Returns:
+            ``float Tensor[3, h, w]`` with integer values in ``[0, 255]``.
+        """
+        x0, y0, x1, y1 = rect
+        crop = image[:, y0:y1, x0:x1]  # (3, h0, w0) view
+        w, h = x1 - x0, y1 - y0
+        nw, nh = self.resized_size(w, h)
+        if (nw, nh) != (w, h):
+            crop = F.interpolate(crop[None], size=(nh, nw), mode=self.interpolation, antialias=True)[0]  # (3, nh, nw)
+            crop = crop.clamp(0, 255).round()
+        ch, cw = self.crop_size
+        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+        return crop[:, top : top + ch, left : left + cw]  # (3, h, w)
+
+
+class CropEncoder:
+    """Crops → L2-normalised ``float16 Tensor[B, D]`` CLIP embeddings, left on the CLIP's device.
+
+    Crops are ``uint8 Tensor[B, h, w, 3]`` (PIL backend, from the workers) or ``float Tensor[B, 3, h, w]``
+    with integer values 0-255 (tensor backend); both then get ToTensor's ``/ 255`` and Normalize.
+    """
+
+    def __init__(self, clip: ClipBundle, preprocess: CropPreprocess) -> None:
+        self.clip = clip
+        device = clip.device
+        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, crops: Tensor) -> Tensor:
+        x = crops.to(self.mean.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, h, w)
+        x = x.div(255).sub_(self.mean).div_(self.std)  # ToTensor + Normalize
+        emb = self.clip.encode_images(x)  # (B, D)
+        return F.normalize(emb, dim=1).half()  # (B, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# DataLoader datasets (run in workers)
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode(rec: ImageRecord, *, rgb: bool = True) -> np.ndarray:
+    """Decode a record's image (``uint8[H, W, 3]``, RGB or BGR) and check its size against the record.
+
+    The errors are those of :func:`ovd.data.loader.read_image_rgb` (missing / unreadable / corrupt file).
+    """
+    if rgb:
+        img = read_image_rgb(rec.file_name)
+    else:  # skip read_image_rgb's full-image BGR -> RGB copy: crops are flipped after resizing instead
+        path = Path(rec.file_name)
+        if not path.is_file():
+            raise OVDError("image file not found", path=path)
+        try:
+            buf = np.fromfile(path, dtype=np.uint8)
+        except OSError as e:
+            raise OVDError(f"cannot read image file ({e})", path=path) from e
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if img is None:
+            raise OVDError("cannot decode image (corrupt or unsupported format)", path=path)
+    if img.shape[:2] != (rec.height, rec.width):
+        raise OVDError(
+            f"decoded image is {img.shape[0]}x{img.shape[1]} (HxW) but the annotation file says "
+            f"{rec.height}x{rec.width}",
+            path=rec.file_name,
+        )
+    return img
+
+
+def _error(e: OVDError) -> tuple[str, str | None, str | None]:
+    return (e.reason, e.path, e.field)
+
+
+class _ImageDataset(Dataset):
+    """``dataset[i]`` → ``{"image": uint8[H, W, 3] or None, "error": ...}`` for proposal sources."""
+
+    def __init__(self, records: Sequence[ImageRecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {"image": _decode(self.records[i]), "error": None}
+        except OVDError as e:
+            return {"image": None, "error": _error(e)}
+
+
+class _CropDataset(Dataset):
+    """``dataset[[p0, p1, ...]]`` → the crops of those record positions, ``uint8 Tensor[c, h, w, 3]``,
+    in position then box order (images without boxes are not decoded)."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        boxes: dict[int, np.ndarray],
+        preprocess: CropPreprocess,
+        *,
+        decode_only: bool = False,
+    ) -> None:
+        self.records = records
+        self.boxes = boxes
+        self.preprocess = preprocess
+        self.decode_only = decode_only
+
+    def __getitem__(self, positions: list[int]) -> dict[str, Any]:
+        if self.decode_only:  # tensor backend: ``images`` = BGR ``uint8 Tensor[H, W, 3]`` of images with boxes
+            try:
+                images = [
+                    torch.from_numpy(_decode(self.records[p], rgb=False)) for p in positions if len(self.boxes[p])
+                ]
+            except OVDError as e:
+                return {"positions": positions, "images": [], "error": _error(e)}
+            return {"positions": positions, "images": images, "error": None}
+        ch, cw = self.preprocess.crop_size
+        out = np.empty((sum(len(self.boxes[p]) for p in positions), ch, cw, 3), dtype=np.uint8)  # (c, h, w, 3)
+        i = 0
+        try:
+            for p in positions:
+                if len(self.boxes[p]) == 0:
+                    continue
+                rec = self.records[p]
+                # resampling treats channels independently: crop and resize BGR, flip the small result
+                image = Image.fromarray(_decode(rec, rgb=False))
+                for box in self.boxes[p]:
+                    bgr = self.preprocess.crop_resize(image, crop_box_pixels(box, rec.height, rec.width))
+                    out[i] = bgr[:, :, ::-1]  # (h, w, 3) RGB
+                    i += 1
+        except OVDError as e:
+            return {"positions": positions, "crops": torch.zeros(0), "error": _error(e)}
+        return {"positions": positions, "crops": torch.from_numpy(out), "error": None}
+
+
+def _worker_init(worker_id: int) -> None:
+    del worker_id
+    cv2.setNumThreads(0)  # one decode thread per worker: parallelism comes from the workers
+    torch.set_num_threads(1)
+
+
+def _raise(error: tuple[str, str | None, str | None]) -> None:
+    reason, path, field = error
+    raise OVDError(reason, path=path, field=field)
+
+
+def _loader(dataset: Dataset, sampler: Any, num_workers: int, batch_size: int | None, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=list if batch_size is not None else None,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init,
+        pin_memory=pin,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    index: int  # chunk index within the shard
+    positions: range  # record positions
+    boxes: list[np.ndarray] | None = None  # kept boxes per image, float32[K_i, 4]
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Fingerprint of a model's weights: SHA-256 over its state dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_metadata(
+    records: Sequence[ImageRecord],
+    source: ProposalSource,
+    clip: ClipBundle,
+    preprocess: CropPreprocess,
+    *,
+    k: int,
+    nms_thresh: float,
+    dataset_name: str,
+    resize_backend: str,
+) -> dict[str, Any]:
+    ids = np.array([r.image_id for r in records], dtype=np.int64)
+    return {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "dataset": dataset_name,
+        "num_images": len(records),
+        "k": k,
+        "embed_dim": clip.embed_dim,
+        "nms_thresh": nms_thresh,
+        "clip": {
+            "model": clip.model_name,
+            "pretrained": clip.pretrained,
+            "checkpoint_sha256": clip.checkpoint_sha256,
+            "weights_sha256": weights_sha256(clip.model),
+        },
+        "crop_preprocess": {**preprocess.to_json(), "backend": resize_backend},
+        "proposals": source.describe(),
+        "image_ids_sha256": image_ids_sha256(ids),
+    }
+
+
+def _keep(
+    source_out: Sequence[tuple[np.ndarray, np.ndarray]], records: Sequence[ImageRecord], *, k: int, nms_thresh: float
+) -> list[np.ndarray]:
+    if len(source_out) != len(records):
+        raise OVDError(f"the proposal source returned {len(source_out)} results for {len(records)} images")
+    kept = []
+    for (boxes, scores), rec in zip(source_out, records, strict=True):
+        boxes = clip_to_image(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), rec.height, rec.width)  # (P, 4)
+        kept.append(select_top_k(boxes, scores, nms_thresh=nms_thresh, k=k)[0])  # (K_i, 4)
+    return kept
+
+
+def _propose(
+    chunk: _Chunk,
+    records: Sequence[ImageRecord],
+    source: ProposalSource,
+    *,
+    k: int,
+    nms_thresh: float,
+    num_workers: int,
+) -> None:
+    recs = [records[p] for p in chunk.positions]
+    if not source.needs_images:
+        chunk.boxes = _keep(source(recs, None), recs, k=k, nms_thresh=nms_thresh)
+        return
+    loader = _loader(_ImageDataset(recs), None, num_workers, max(1, source.images_per_call), pin=False)
+    kept: list[np.ndarray] = []
+    start = 0
+    for batch in loader:
+        for item in batch:
+            if item["error"] is not None:
+                _raise(item["error"])
+        batch_recs = recs[start : start + len(batch)]
+        kept += _keep(source(batch_recs, [item["image"] for item in batch]), batch_recs, k=k, nms_thresh=nms_thresh)
+        start += len(batch)
+    chunk.boxes = kept
+
+
+def _item_crops(
+    item: dict[str, Any],
+    boxes: dict[int, np.ndarray],
+    records: Sequence[ImageRecord],
+    preprocess: CropPreprocess,
+    device: torch.device,
+) -> Tensor:
+    """The crops of one loader item: as the workers made them (PIL backend), or resized here from the
+    decoded images on ``device`` (tensor backend): ``float Tensor[c, 3, h, w]``."""
+    if "crops" in item:
+        return item["crops"]  # (c, h, w, 3) uint8
+    crops = []
+    with_boxes = [p for p in item["positions"] if len(boxes[p])]
+    for p, bgr in zip(with_boxes, item["images"], strict=True):
+        rec = records[p]
+        image = bgr.to(device, non_blocking=True).permute(2, 0, 1).flip(0).float()  # (3, H, W) RGB 0-255
+        crops += [preprocess.crop_resize_tensor(image, crop_box_pixels(b, rec.height, rec.width)) for b in boxes[p]]
+    if not crops:
+        return torch.zeros((0, 3, *preprocess.crop_size), device=device)
+    return torch.stack(crops)  # (c, 3, h, w)
+
+
+def _encode_chunks(
+    chunks: list[_Chunk],
+    records: Sequence[ImageRecord],
+    preprocess: CropPreprocess,
+    encoder: CropEncoder,
+    *,
+    k: int,
+    batch_size: int,
+    num_workers: int,
+    resize_backend: str,
+    bar: tqdm,
+    finish: Any,
+) -> None:
+    """Crop and encode the given chunks (their boxes known); call ``finish(chunk, arrays)`` per chunk."""
+    boxes = {p: b for c in chunks for p, b in zip(c.positions, c.boxes, strict=True)}
+    images_per_item = max(1, batch_size // (2 * k))  # ~half a CLIP batch per worker task
+    items: list[list[int]] = []
+    last_item: dict[int, int] = {}  # chunk list index -> its last item
+    for ci, c in enumerate(chunks):
+        for s in range(c.positions.start, c.positions.stop, images_per_item):
+            items.append(list(range(s, min(s + images_per_item, c.positions.stop))))
+        last_item[len(items) - 1] = ci
+    device = encoder.mean.device
+    dataset = _CropDataset(records, boxes, preprocess, decode_only=resize_backend == "tensor")
+    loader = _loader(dataset, items, num_workers, None, pin=device.type == "cuda")
+    pending: list[Tensor] = []
+    num_pending = 0
+    embeddings: list[Tensor] = []  # stay on the device until the chunk is done: no sync per batch
+    for item_index, item in enumerate(loader):
+        if item["error"] is not None:
+            _raise(item["error"])
+        crops = _item_crops(item, boxes, records, preprocess, device)
+        pending.append(crops)
+        num_pending += len(crops)
+        while num_pending >= batch_size:
+            crops = torch.cat(pending)  # (n, ...)
+            embeddings.append(encoder(crops[:batch_size]))
+            pending, num_pending = [crops[batch_size:]], num_pending - batch_size
+        if item_index in last_item:  # the chunk is complete: no batch spans two chunks
+            if num_pending:
+                embeddings.append(encoder(torch.cat(pending)))
+            chunk = chunks[last_item[item_index]]
+            flat = torch.cat(embeddings).cpu().numpy() if embeddings else None  # (sum K_i, D) float16
+            finish(chunk, _chunk_arrays(chunk, records, flat, k=k, dim=encoder.clip.embed_dim))
+            pending, num_pending, embeddings = [], 0, []
+        bar.update(len(item["positions"]))
+
+
+def _chunk_arrays(
+    chunk: _Chunk, records: Sequence[ImageRecord], flat: np.ndarray | None, *, k: int, dim: int
+) -> dict[str, np.ndarray]:
+    n = len(chunk.positions)
+    boxes = np.zeros((n, k, 4), dtype=np.float32)
+    valid = np.zeros((n, k), dtype=bool)
+    for i, b in enumerate(chunk.boxes):
+        boxes[i, : len(b)] = b
+        valid[i, : len(b)] = True
+    emb = np.zeros((n, k, dim), dtype=np.float16)
+    flat = np.zeros((0, dim), dtype=np.float16) if flat is None else flat  # (sum K_i, D)
+    if flat.shape[0] != int(valid.sum()):
+        raise RuntimeError(f"{flat.shape[0]} embeddings for {int(valid.sum())} regions")
+    emb[valid] = flat  # row-major order of valid slots = crop order (image, then box)
+    ids = np.array([records[p].image_id for p in chunk.positions], dtype=np.int64)
+    return {"image_ids": ids, "boxes": boxes, "embeddings": emb, "valid": valid}
+
+
+def extract_region_embeddings(
+    records: Sequence[ImageRecord],
+    source: ProposalSource,
+    clip: ClipBundle,
+    out_dir: str | os.PathLike[str],
+    *,
+    k: int = DEFAULT_K,
+    nms_thresh: float = DEFAULT_NMS_THRESH,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    chunk_size: int = 512,
+    dataset_name: str = "",
+    progress: bool = True,
+    resize_backend: str = "auto",
+) -> Path:
+    """Extract (or resume extracting) one shard of a region store; merge when every shard is done.
+
+    Args:
+        records: all images of the dataset, in store order (every shard must get the same list).
+        source: where the proposals come from.
+        clip: the CLIP teacher; runs on ``clip.device``.
+        out_dir: the store directory (see :mod:`ovd.distill.store`).
+        k: regions kept per image after NMS (METHOD §3.1: 5).
+        nms_thresh: class-agnostic NMS IoU threshold (METHOD §3.1: 0.5).
+        batch_size: crops per CLIP forward.
+        num_workers: DataLoader processes that decode and crop (0 = in this process).
+        num_shards, shard_index: this process's contiguous share of ``records``.
+        chunk_size: images per resumable unit (a part file).
+        dataset_name: recorded in the metadata.
+        progress: show a progress bar over images.
+        resize_backend: where crops are resized. ``"pil"``: in the workers with PIL, exactly as
+            ``clip.preprocess`` on a PIL crop (the reference). ``"tensor"``: the workers only decode;
+            crops are resized on ``clip.device`` as ``clip.preprocess`` does on a tensor crop (within
+            about one intensity level of PIL; on a GPU this takes the resizing off the CPUs).
+            ``"auto"``: ``"tensor"`` when CLIP is on a GPU, else ``"pil"``. Recorded in the metadata,
+            so a resumed or sharded run must use the same backend.
+
+    Returns:
+        ``out_dir``; the store is complete (openable with :class:`RegionStore`) once every shard is
+        done (``store_is_complete(out_dir)``).
+
+    Raises:
+        OVDError: bad arguments, duplicate image ids, a proposal file that covers none of the images,
+            an unreadable image (naming the file), or existing parts / store from a different extraction.
+    """
+    records = list(records)
+    for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if value < low:
+            raise OVDError(f"{name} must be >= {low}, got {value}", field=name)
+    if not 0.0 < nms_thresh <= 1.0:
+        raise OVDError(f"NMS threshold must be in (0, 1], got {nms_thresh}", field="nms_thresh")
+    if not records:
+        raise OVDError("no images to extract region embeddings for", field="records")
+    chunks = [_Chunk(j, r) for j, r in enumerate(shard_chunks(len(records), num_shards, shard_index, chunk_size))]
+    ids = [int(r.image_id) for r in records]
+    if len(set(ids)) != len(ids):
+        raise OVDError(f"duplicate image ids in dataset {dataset_name!r}", field="records")
+    if isinstance(source, FileProposals) and not source.image_ids & set(ids):
+        raise OVDError(f"the proposal file has no entry for any image of dataset {dataset_name!r}", path=source.path)
+
+    if resize_backend == "auto":
+        resize_backend = "tensor" if clip.device.type == "cuda" else "pil"
+    if resize_backend not in RESIZE_BACKENDS:
+        raise OVDError(f"unknown resize backend {resize_backend!r} (valid: auto, {', '.join(RESIZE_BACKENDS)})")
+    out = Path(out_dir)
+    preprocess = CropPreprocess.from_clip(clip)
+    meta = _run_metadata(
+        records, source, clip, preprocess, k=k, nms_thresh=nms_thresh, dataset_name=dataset_name,
+        resize_backend=resize_backend,
+    )  # fmt: skip
+    if store_is_complete(out):
+        found = RegionStore.open(out).metadata
+        if content_key(found) != content_key(meta):
+            raise OVDError("holds a finished region store of a different extraction; choose another output", path=out)
+        logger.info("region store %s is already complete", out)
+        return out
+    layout = {"num_shards": num_shards, "chunk_size": chunk_size}
+
+    def part_meta(c: _Chunk) -> dict[str, Any]:
+        part = {"shard_index": shard_index, "chunk_index": c.index, "begin": c.positions.start, "end": c.positions.stop}
+        return {**meta, "layout": layout, "part": part}
+
+    todo = []
+    for c in chunks:
+        path = part_path(out, shard_index, c.index)
+        if path.is_file():
+            check_part(path, part_meta(c))
+        else:
+            todo.append(c)
+    done_images = sum(len(c.positions) for c in chunks) - sum(len(c.positions) for c in todo)
+    logger.info(
+        "shard %d/%d: %d chunks, %d already done; extracting %d images",
+        shard_index, num_shards, len(chunks), len(chunks) - len(todo), sum(len(c.positions) for c in todo),
+    )  # fmt: skip
+
+    def finish(c: _Chunk, arrays: dict[str, np.ndarray]) -> None:
+        write_part(part_path(out, shard_index, c.index), **arrays, meta=part_meta(c))
+
+    encoder = CropEncoder(clip, preprocess)
+    total = sum(len(c.positions) for c in chunks)
+    with tqdm(total=total, initial=done_images, unit="img", desc="region embeddings", disable=not progress) as bar:
+        opts = dict(
+            k=k, batch_size=batch_size, num_workers=num_workers, resize_backend=resize_backend, bar=bar, finish=finish
+        )
+        if source.needs_images:  # the model sees a chunk, then its crops are encoded: resumable per chunk
+            for c in todo:
+                _propose(c, records, source, k=k, nms_thresh=nms_thresh, num_workers=num_workers)
+                _encode_chunks([c], records, preprocess, encoder, **opts)
+        elif todo:  # cheap proposals: one worker pool for all chunks
+            for c in todo:
+                _propose(c, records, source, k=k, nms_thresh=nms_thresh, num_workers=num_workers)
+            _encode_chunks(todo, records, preprocess, encoder, **opts)
+
+    wanted = expected_parts(out, len(records), num_shards, chunk_size)
+    missing = [p for p in wanted if not p.is_file()]
+    if store_is_complete(out):
+        return out
+    if missing:
+        logger.info("shard %d done; %d parts of other shards missing, not merging yet", shard_index, len(missing))
+        return out
+    try:
+        merge_store(out)
+    except MergeInProgressError as e:
+        logger.info("not merging: %s", e)
+    return out

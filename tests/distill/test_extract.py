@@ -1,0 +1,337 @@
+"""Region-embedding extraction: parity with open_clip's per-crop preprocessing, resumption,
+sharding + merge, error reporting, and the command-line tool."""
+
+import json
+from importlib import util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import ovd.distill.extract as extract_mod
+from ovd.clip import create_clip
+from ovd.distill import (
+    CropPreprocess,
+    FileProposals,
+    ProposalSource,
+    RegionStore,
+    crop_box_pixels,
+    extract_region_embeddings,
+    select_top_k,
+    store_is_complete,
+)
+from ovd.distill.proposals import clip_to_image
+from ovd.distill.store import META_FILE, PARTS_DIR, content_key
+from ovd.errors import OVDError
+from ovd.structures import ImageRecord
+
+REPO = Path(__file__).parents[2]
+ARRAYS = ("boxes.npy", "embeddings.npy", "valid.npy", "image_ids.npy")
+NUM_IMAGES = 10
+EMPTY_ID = 103  # image with no proposals in the file
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return create_clip("ovd-tiny", None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Ten small generated images (PNG and JPEG, one grayscale) and a COCO results file of proposals
+    for them: float and integer boxes, boxes sticking out of the image, overlapping duplicates,
+    slivers, and one image without proposals."""
+    root = tmp_path_factory.mktemp("distill_data")
+    rng = np.random.default_rng(0)
+    records, results = [], []
+    for i in range(NUM_IMAGES):
+        h, w = (int(v) for v in rng.integers(40, 110, 2))
+        img = cv2.resize(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(img.astype(int) + rng.integers(-30, 30, img.shape), 0, 255).astype(np.uint8)
+        ext = ".jpg" if i % 3 == 0 else ".png"
+        path = root / f"img{i}{ext}"
+        cv2.imwrite(str(path), img[:, :, 0] if i == 4 else img[:, :, ::-1])  # image 4 is grayscale
+        image_id = 100 + i
+        records.append(ImageRecord(image_id=image_id, file_name=str(path), height=h, width=w))
+        if image_id == EMPTY_ID:
+            continue
+        for j in range(9):
+            bw, bh = rng.uniform(1, w * 0.9), rng.uniform(1, h * 0.9)
+            x, y = rng.uniform(-5, w - bw + 5), rng.uniform(-5, h - bh + 5)
+            if j % 2:  # integer boxes, cropped identically by PIL
+                x, y, bw, bh = (float(round(v)) for v in (x, y, bw, bh))
+            results.append({"image_id": image_id, "bbox": [x, y, bw, bh], "score": float(rng.random())})
+        results.append({"image_id": image_id, "bbox": [2, 2, 0.4, 20], "score": 2.0})  # sliver: dropped
+    props = root / "props.json"
+    props.write_text(json.dumps(results))
+    return records, props
+
+
+def _extract(records, props, clip, out, **kw):
+    kw = {"chunk_size": 3, "batch_size": 8, "num_workers": 0, "progress": False, "dataset_name": "toy", **kw}
+    source = props if isinstance(props, ProposalSource) else FileProposals(props)
+    return extract_region_embeddings(records, source, clip, out, **kw)
+
+
+def _same_bytes(a: Path, b: Path) -> None:
+    for name in ARRAYS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _count_crops(monkeypatch):
+    """Count the crops the CLIP encoder sees."""
+    seen = []
+    original = extract_mod.CropEncoder.__call__
+
+    def counting(self, crops):
+        seen.append(len(crops))
+        return original(self, crops)
+
+    monkeypatch.setattr(extract_mod.CropEncoder, "__call__", counting)
+    return seen
+
+
+def test_crop_preprocess_equals_torchvision_on_pil(clip):
+    prep = CropPreprocess.from_clip(clip)
+    assert (prep.resize, prep.crop_size, prep.interpolation) == (64, (64, 64), "bicubic")
+    tv = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64)])
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    # down- and up-scaling, elongated both ways, exactly the input size, 1 px
+    rects = [(0, 0, 130, 90), (10, 5, 40, 85), (3, 4, 120, 20), (7, 7, 71, 71), (50, 50, 51, 51), (0, 60, 64, 90)]
+    for rect in rects:
+        expected = np.asarray(tv(image.crop(rect)))
+        np.testing.assert_array_equal(prep.crop_resize(image, rect), expected, err_msg=str(rect))
+    # the tensor backend (torchvision's tensor resize) is close to PIL; PIL clamps and rounds to uint8
+    # between its two passes, which matters most (single pixels off by up to ~16) on white noise
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+    for rect in rects:
+        diff = np.abs(prep.crop_resize_tensor(tensor, rect).permute(1, 2, 0).numpy() - prep.crop_resize(image, rect))
+        assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (rect, diff.mean())
+    # float boxes: corners rounded half up, never empty, inside the image
+    assert crop_box_pixels(np.array([1.5, 2.49, 2.5, 3.51]), 10, 10) == (2, 2, 3, 4)
+    assert crop_box_pixels(np.array([9.7, 0.0, 10.0, 0.2]), 10, 10) == (9, 0, 10, 1)
+
+
+@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_batched_embeddings_match_open_clip_per_crop(data, clip, tmp_path, backend):
+    records, props = data
+    out = _extract(
+        records, props, clip, tmp_path / "store", batch_size=7, resize_backend=backend
+    )  # batches span images
+    store = RegionStore.open(out)
+    meta = store.metadata
+    assert (meta["num_images"], meta["k"], meta["embed_dim"], meta["dataset"]) == (NUM_IMAGES, 5, 64, "toy")
+    assert meta["proposals"]["kind"] == "file" and meta["clip"]["model"] == "ovd-tiny"
+    assert meta["crop_preprocess"]["backend"] == backend
+    assert not (out / PARTS_DIR).exists()
+    source = FileProposals(props)
+    cosines = []
+    for rec in records:
+        boxes, emb = store.lookup(rec.image_id)
+        raw_boxes, raw_scores = source([rec])[0]
+        expected, _ = select_top_k(clip_to_image(raw_boxes, rec.height, rec.width), raw_scores, nms_thresh=0.5, k=5)
+        np.testing.assert_array_equal(boxes, expected)  # clipped, NMS'd, top 5, score order
+        if rec.image_id == EMPTY_ID:
+            assert boxes.shape == (0, 4) and emb.shape == (0, 64)
+            continue
+        assert len(boxes) > 0
+        pil = Image.open(rec.file_name).convert("RGB")  # the reference: PIL crop -> open_clip preprocess
+        crops = torch.stack([clip.preprocess(pil.crop(tuple(b.tolist()))) for b in boxes])
+        ref = torch.nn.functional.normalize(clip.encode_images(crops), dim=1).numpy()  # (k, D)
+        cosines += np.sum(ref * emb, axis=1).tolist()
+    assert meta["num_regions"] == len(cosines) and meta["num_images_without_regions"] == 1
+    assert min(cosines) >= 0.99, min(cosines)
+    assert min(cosines) >= (0.999 if backend == "pil" else 0.99)  # pil: only fp16 storage rounding differs
+
+
+def test_resume_after_interruption_is_byte_identical(data, clip, tmp_path, monkeypatch):
+    records, props = data
+    straight = _extract(records, props, clip, tmp_path / "straight")
+
+    # kill the run right after its first chunk (3 images) is on disk
+    real_write = extract_mod.write_part
+    calls = []
+
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        calls.append(1)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(extract_mod, "write_part", write_then_die)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _extract(records, props, clip, out)
+    assert sorted(p.name for p in (out / PARTS_DIR).iterdir()) == ["shard0-chunk0.npz"]
+    assert not store_is_complete(out) and not (out / "embeddings.npy").exists()
+    with pytest.raises(OVDError, match="incomplete region store"):
+        RegionStore.open(out)
+    # a different extraction may not reuse the parts
+    monkeypatch.setattr(extract_mod, "write_part", real_write)
+    with pytest.raises(OVDError, match=r"shard0-chunk0.npz: part was written by a different extraction \(k: "):
+        _extract(records, props, clip, out, k=3)
+    with pytest.raises(OVDError, match="chunk_size"):
+        _extract(records, props, clip, out, chunk_size=4)
+    with pytest.raises(OVDError, match="crop_preprocess"):
+        _extract(records, props, clip, out, resize_backend="tensor")
+
+    seen = _count_crops(monkeypatch)
+    _extract(records, props, clip, out)
+    first_chunk = sum(int(RegionStore.open(straight).lookup(r.image_id)[0].shape[0]) for r in records[:3])
+    assert sum(seen) == RegionStore.open(straight).metadata["num_regions"] - first_chunk  # chunk 0 not redone
+    _same_bytes(straight, out)
+    assert content_key(RegionStore.open(out).metadata) == content_key(RegionStore.open(straight).metadata)
+
+    # a finished store is not recomputed, and not overwritten by another extraction
+    seen.clear()
+    assert _extract(records, props, clip, out) == out and seen == []
+    with pytest.raises(OVDError, match="holds a finished region store of a different extraction"):
+        _extract(records, props, clip, out, nms_thresh=0.7)
+
+
+def test_two_shards_then_merge_equal_one_run(data, clip, tmp_path):
+    records, props = data
+    single = _extract(records, props, clip, tmp_path / "single", chunk_size=5)
+    out = tmp_path / "sharded"
+    _extract(records, props, clip, out, chunk_size=5, num_shards=2, shard_index=1)
+    assert not store_is_complete(out)  # shard 0 missing: no merge
+    assert sorted(p.name for p in (out / PARTS_DIR).iterdir()) == ["shard1-chunk0.npz"]
+    _extract(records, props, clip, out, chunk_size=5, num_shards=2, shard_index=0)  # last shard merges
+    assert store_is_complete(out) and not (out / PARTS_DIR).exists()
+    _same_bytes(single, out)  # same chunks -> same CLIP batches -> same bytes
+
+    # chunks that do not line up change the CLIP batches only: same boxes, embeddings within fp16 rounding
+    odd = tmp_path / "odd"
+    for s in range(3):
+        _extract(records, props, clip, odd, chunk_size=2, num_shards=3, shard_index=s)
+    a, b = RegionStore.open(single), RegionStore.open(odd)
+    for name in ("boxes.npy", "valid.npy", "image_ids.npy"):
+        assert (single / name).read_bytes() == (odd / name).read_bytes()
+    np.testing.assert_allclose(np.load(odd / "embeddings.npy"), np.load(single / "embeddings.npy"), atol=2e-3)
+    assert a.metadata["num_regions"] == b.metadata["num_regions"]
+
+
+class _HalfBoxes(ProposalSource):
+    """A source that reads the pixels: two boxes per image, scored by the mean intensity under them."""
+
+    needs_images = True
+    images_per_call = 2
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, records, images):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("proposer crashed")
+        out = []
+        for rec, img in zip(records, images, strict=True):
+            assert img.shape == (rec.height, rec.width, 3) and img.dtype == np.uint8
+            h, w = rec.height, rec.width
+            boxes = np.array([[0, 0, w / 2, h / 2], [w / 4, h / 4, w, h]], dtype=np.float32)
+            scores = np.array([img[: h // 2, : w // 2].mean(), img[h // 4 :, w // 4 :].mean()], dtype=np.float32)
+            out.append((boxes, scores))
+        return out
+
+    def describe(self):
+        return {"kind": "test-half-boxes", "path": "", "sha256": ""}
+
+
+def test_source_that_needs_images_and_resumes(data, clip, tmp_path):
+    records, _ = data
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="proposer crashed"):  # 3rd call = the first images of chunk 1
+        _extract(records, _HalfBoxes(fail_on_call=3), clip, out, chunk_size=4)
+    assert [p.name for p in (out / PARTS_DIR).iterdir()] == ["shard0-chunk0.npz"]
+    source = _HalfBoxes()
+    _extract(records, source, clip, out, chunk_size=4)
+    assert source.calls == 3  # images 4-9 in pairs; chunk 0 (images 0-3) was not proposed again
+    store = RegionStore.open(out)
+    rec = records[1]
+    boxes, emb = store.lookup(rec.image_id)
+    img = cv2.imread(rec.file_name)[:, :, ::-1]
+    h, w = rec.height, rec.width
+    halves = [[0, 0, w / 2, h / 2], [w / 4, h / 4, w, h]]
+    order = [0, 1] if img[: h // 2, : w // 2].mean() >= img[h // 4 :, w // 4 :].mean() else [1, 0]
+    np.testing.assert_allclose(boxes, np.array(halves, dtype=np.float32)[order])
+    assert store.metadata["proposals"]["kind"] == "test-half-boxes" and emb.shape == (2, 64)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_image_names_the_file(data, clip, tmp_path, num_workers):
+    records, props = data
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    broken = [*records[:4], ImageRecord(image_id=101, file_name=str(bad), height=50, width=60), *records[5:]]
+    broken[1] = ImageRecord(image_id=999, file_name=records[1].file_name, height=1, width=1)  # no proposals
+    with pytest.raises(OVDError, match=r"broken.png: cannot decode image") as info:
+        _extract(broken, props, clip, tmp_path / "s", num_workers=num_workers, chunk_size=10)
+    assert info.value.path == str(bad)
+    assert not store_is_complete(tmp_path / "s")
+    wrong_size = [*records[:1], ImageRecord(image_id=101, file_name=records[1].file_name, height=300, width=400)]
+    with pytest.raises(OVDError, match="but the annotation file says 300x400"):
+        _extract(wrong_size, props, clip, tmp_path / "t")
+
+
+def test_bad_arguments(data, clip, tmp_path):
+    records, props = data
+    with pytest.raises(OVDError, match="duplicate image ids"):
+        _extract([records[0], records[0]], props, clip, tmp_path / "a")
+    other = [ImageRecord(image_id=5, file_name=records[0].file_name, height=1, width=1)]
+    with pytest.raises(OVDError, match="props.json: the proposal file has no entry for any image"):
+        _extract(other, props, clip, tmp_path / "b")
+    with pytest.raises(OVDError, match="invalid rank 2 for world size 2"):
+        _extract(records, props, clip, tmp_path / "c", num_shards=2, shard_index=2)
+    with pytest.raises(OVDError, match="batch_size must be >= 1"):
+        _extract(records, props, clip, tmp_path / "d", batch_size=0)
+    assert not any((tmp_path / d / META_FILE).exists() for d in "abcd")
+
+
+def test_cli_sharded_extraction(data, tmp_path, monkeypatch, capsys):
+    from ovd.data.catalog import DatasetInfo, register_dataset
+    from ovd.utils.cli import run_cli
+
+    records, props = data
+    root = Path(records[0].file_name).parent
+    images = [{"id": r.image_id, "file_name": Path(r.file_name).name, "height": r.height, "width": r.width}
+              for r in records]  # fmt: skip
+    ann = tmp_path / "toy.json"
+    ann.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "thing"}]}))
+    info = DatasetInfo(name="distill_toy", image_root=str(root), ann_file=str(ann), class_names=("thing",),
+                       category_ids=(1,))  # fmt: skip
+    register_dataset(info, overwrite=True)
+    spec = util.spec_from_file_location("extract_tool", REPO / "tools/extract_region_embeddings.py")
+    tool = util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "store"
+    args = ["--dataset", "distill_toy", "--proposals", str(props), "--clip-model", "ovd-tiny", "--output", str(out)]
+    args += ["--workers", "0", "--batch-size", "16", "--num-shards", "2", "--no-progress"]
+    torch.manual_seed(0)  # random-init CLIP: both shards must build the same weights
+    assert run_cli(tool.main, [*args, "--shard-index", "0"]) == 0
+    assert not store_is_complete(out)
+    assert run_cli(tool.main, ["--merge", "--output", str(out)]) == 2
+    assert "1 of 2 parts missing" in capsys.readouterr().err
+    torch.manual_seed(1)  # other random weights: the parts refuse to mix
+    assert run_cli(tool.main, [*args, "--shard-index", "1"]) == 2
+    assert "part comes from a different extraction" in capsys.readouterr().err
+    assert run_cli(tool.main, ["--merge", "--output", str(out)]) == 2
+    (out / PARTS_DIR / "shard1-chunk0.npz").unlink()
+    torch.manual_seed(0)
+    assert run_cli(tool.main, [*args, "--shard-index", "1"]) == 0
+    store = RegionStore.open(out)
+    assert len(store) == NUM_IMAGES and store.metadata["dataset"] == "distill_toy"
+    assert run_cli(tool.main, ["--merge", "--output", str(out)]) == 0  # already complete
+    assert run_cli(tool.main, [*args[:3], str(tmp_path / "none.json"), *args[4:], "--shard-index", "0"]) == 2
+    assert "none.json: proposal source not found" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""The multi-stage pipeline on OV-Shapes `small`: stages, region extraction, demo, ablation table,
+and resumption after a failed stage without redoing finished ones."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import ovd.engine.trainer as trainer
+from ovd.errors import OVDError
+from ovd.pipeline import load_pipeline, run_pipeline
+
+REPO = Path(__file__).parents[1]
+FAST = [
+    "data.train=ovshapes_small_train",
+    "data.test=ovshapes_small_val",
+    "data.num_workers=0",
+    "clip.pretrained=",
+    "solver.ims_per_batch=2",
+    "solver.max_iter=2",
+    "solver.warmup_iters=1",
+    "solver.steps=[1]",
+    "input.min_size_train=[128]",
+    "input.min_size_train_sampling=choice",
+    "input.min_size_test=128",
+    "model.rpn.post_nms_top_n_test=50",
+]
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path_factory.getbasetemp() / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+
+
+def _pipeline_file(tmp_path: Path) -> Path:
+    spec = {
+        "stages": [
+            {"name": "base", "config": str(REPO / "configs/ovshapes/base.yaml"), "overrides": FAST},
+            {"name": "rkd", "config": str(REPO / "configs/ovshapes/rkd.yaml"), "overrides": FAST},
+        ],
+        "regions": {"proposals": "base", "k": 3},
+        "demo_images": 1,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_pipeline_runs_and_resumes(tmp_path, monkeypatch):
+    pipe = _pipeline_file(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+    real_train = trainer.train
+
+    def failing_train(cfg, output_dir, **kw):
+        calls.append(Path(output_dir).name)
+        if Path(output_dir).name == "rkd" and calls.count("rkd") == 1:
+            raise RuntimeError("simulated crash")
+        return real_train(cfg, output_dir, **kw)
+
+    monkeypatch.setattr(trainer, "train", failing_train)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_pipeline(pipe, out)
+    assert (out / "base" / "eval" / "metrics.json").is_file()
+    assert (out / "regions" / "ovshapes_small_train" / "meta.json").is_file()  # complete region store
+    result = run_pipeline(pipe, out)
+    assert calls == ["base", "rkd", "rkd"]  # base was not trained again
+    assert [r["stage"] for r in result["stages"]] == ["base", "rkd"]
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["stages"] == result["stages"]
+    rkd = json.loads((out / "rkd" / "eval" / "metrics.json").read_text())
+    assert {"fidelity_cosine_base", "fidelity_agreement_novel", "fidelity_teacher_acc_novel"} <= set(rkd)
+    assert -1.0 <= rkd["fidelity_cosine_base"] <= 1.0
+    assert (out / "demo" / "detections.json").is_file()
+
+
+def test_pipeline_file_errors(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("stages:\n  - name: a\n    config: x.yaml\n    overide: []\n")
+    with pytest.raises(OVDError, match="stages\\[0\\].overide"):
+        load_pipeline(bad)
+    bad.write_text("stages:\n  - name: a\n    config: x.yaml\n  - name: a\n    config: y.yaml\n")
+    with pytest.raises(OVDError, match="unique"):
+        load_pipeline(bad)
+    with pytest.raises(OVDError, match="not found"):
+        load_pipeline(tmp_path / "none.yaml")
