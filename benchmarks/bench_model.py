@@ -235,8 +235,12 @@ def kth_threshold(scores: Tensor, k: int) -> float:
 
 
 @torch.inference_mode()
-def calibrate(ours: OpenVocabDetector, tv: FasterRCNN, images_ours, images_tv, k: int) -> dict[str, Any]:
-    """Set both score thresholds so that ``k`` (box, class) pairs enter NMS; capture head inputs."""
+def calibrate(
+    ours: OpenVocabDetector, tv: FasterRCNN, images_ours, images_tv, k: int, stages: dict[str, dict[str, nn.Module]]
+) -> dict[str, Any]:
+    """Set both score thresholds so that ``k`` (box, class) pairs enter NMS; capture head inputs.
+
+    Two inferences per model: one to capture scores, one to check the NMS input (and time ``stages``)."""
     cap: dict[str, Any] = {}
     with hooks(
         [
@@ -271,9 +275,13 @@ def calibrate(ours: OpenVocabDetector, tv: FasterRCNN, images_ours, images_tv, k
     rh.score_thresh = kth_threshold(scores, k)
     # check: the NMS inputs really have k candidates in both models
     nms: list[dict[str, int]] = []
+    dets: dict[str, Any] = {}
     with count_roi_nms(nms, [ours.roi_heads, tv.roi_heads]):
-        dets_ours = ours(images_ours)
-        dets_tv = tv(images_tv)
+        stage = {
+            OURS: stage_times(lambda: dets.__setitem__(OURS, ours(images_ours)), stages[OURS]),
+            TV: stage_times(lambda: dets.__setitem__(TV, tv(images_tv)), stages[TV]),
+        }
+    dets_ours, dets_tv = dets[OURS], dets[TV]
     assert len(nms) == 2, nms
     feat_diff = max(
         float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
@@ -290,6 +298,7 @@ def calibrate(ours: OpenVocabDetector, tv: FasterRCNN, images_ours, images_tv, k
         "thresh": {OURS: ours.roi_heads.score_thresh, TV: rh.score_thresh},
         "nms": {OURS: nms[0], TV: nms[1]},
         "detections": {OURS: len(dets_ours[0]), TV: len(dets_tv[0]["scores"])},
+        "stages": stage,
         "x": cap["x"].clone(),
         "tv_x_same": bool(torch.allclose(cap["x"], cap["tv_x"], rtol=1e-3, atol=1e-3 * float(cap["x"].abs().max()))),
         "ours_head_in": (cap["logits"].clone(), cap["deltas"].clone(), [p.clone() for p in cap["ours_props"]]),
@@ -452,33 +461,37 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
     ours.eval()
     tv.eval()
     im_o, im_t, _, _ = make_inputs(1, args, num_classes, counts, args.seed + 1)
-    cal = calibrate(ours, tv, im_o, im_t, args.nms_candidates)
+    stages = {
+        OURS: {
+            "backbone": ours.backbone,
+            "rpn": ours.rpn,
+            "roi_heads": rh_o,
+            "pool": rh_o.region_features.pooler,
+            "fc": rh_o.region_features.head,
+        },
+        TV: {"backbone": tv.backbone, "rpn": tv.rpn, "roi_heads": rh_t, "pool": rh_t.box_roi_pool, "fc": rh_t.box_head},
+    }
+    # the two calibration inferences per model are also the inference warm-up
+    cal = calibrate(ours, tv, im_o, im_t, args.nms_candidates, stages)
     assert cal["backbone_in"][OURS] == cal["backbone_in"][TV], cal["backbone_in"]
     res["cal"] = {k: v for k, v in cal.items() if k not in ("x", "ours_head_in", "tv_head_in", "image_sizes")}
+    res["stages_infer"] = cal["stages"]
     log(f"[C={num_classes}] calibration: {res['cal']}")
-
-    # (the two calibration runs and this one are the inference warm-up)
-    res["stages_infer"] = {
-        OURS: stage_times(
-            infer_fn(ours, im_o),
-            {
-                "backbone": ours.backbone,
-                "rpn": ours.rpn,
-                "roi_heads": rh_o,
-                "pool": rh_o.region_features.pooler,
-                "fc": rh_o.region_features.head,
-            },
-        ),
-        TV: stage_times(
-            infer_fn(tv, im_t),
-            {"backbone": tv.backbone, "rpn": tv.rpn, "roi_heads": rh_t, "pool": rh_t.box_roi_pool, "fc": rh_t.box_head},
-        ),
-    }
 
     res["infer"] = Summary(
         timed_interleaved({OURS: infer_fn(ours, im_o), TV: infer_fn(tv, im_t)}, 0, args.infer_repeats)
     )
     log(f"[C={num_classes}] inference ours {res['infer'].ours} tv {res['infer'].tv}")
+
+    def linear_macs(*mods: nn.Linear) -> int:
+        return sum(m.in_features * m.out_features for m in mods)
+
+    res["macs"] = {  # multiply-adds per RoI after the shared 2-FC box head
+        OURS: linear_macs(rh_o.classifier.linear, rh_o.box_regressor.fc1, rh_o.box_regressor.fc2)
+        + rh_o.classifier.vocabulary.numel(),
+        TV: linear_macs(rh_t.box_predictor.cls_score, rh_t.box_predictor.bbox_pred),
+        "shared": linear_macs(rh_t.box_head.fc6, rh_t.box_head.fc7),
+    }
 
     # the parts that differ, on the same inputs (RoI features captured from the run above)
     x = cal["x"]  # (R, 1024), identical in both models
@@ -666,8 +679,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], 
         f"{args.nms_candidates} (box, class) candidates enter the per-class NMS (checked by intercepting "
         "`batched_nms`, see below); with random weights and the stock threshold 0.05, nearly all of our 1000 × C "
         "sigmoid scores and none of torchvision's softmax scores would pass, and NMS would dominate.",
-        f"- End-to-end rows: warm-up runs per model ({args.warmup} training step; 3 untimed inferences: calibration "
-        f"and stage timing), then {args.repeats} (training) / {args.infer_repeats} (inference) rounds, ours and "
+        f"- End-to-end rows: warm-up runs per model ({args.warmup} training step; the 2 untimed inferences of the "
+        f"calibration), then {args.repeats} (training) / {args.infer_repeats} (inference) rounds, ours and "
         "torchvision interleaved with the order alternating every round; medians of wall-clock time. "
         "*overhead* = median over rounds of (ours / torchvision − 1), the number held against the goal: both models "
         "run back to back in each round, so the load changes of the shared machine (single runs vary up to 5× here) "
@@ -716,7 +729,7 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], 
             row(c, "  part: head + post-processing, RoI features → detections", r["head_post"], None),
             diff_row(c, "  inference overhead *from parts*", r["diff_infer"], goal),
         ]
-    lines += ["", "Checks, and per-stage times of one untimed inference (seconds, wall clock):", ""]
+    lines += ["", "Checks, and per-stage times of the second calibration inference (seconds, wall clock):", ""]
     for c, r in results.items():
         cal, ts, si = r["cal"], r["train_shapes"], r["stages_infer"]
         lines += [
@@ -753,6 +766,29 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], 
             f"{pct(r['infer'].overhead)} → {'met' if direct <= goal else '**NOT met**'}; from the parts: training "
             f"{pct(r['diff_train'])}, inference {pct(r['diff_infer'])} → {'met' if parts <= goal else '**NOT met**'}."
         )
+    lines += ["", "Notes:", ""]
+    for c, r in results.items():
+        m = r["macs"]
+        lines.append(
+            f"- C={c}: multiply-adds per RoI after the shared 2-FC box head: ours {m[OURS] / 1e6:.2f} M (projection "
+            f"1024→512, cosine 512×{c + 1}, box MLP 1024→1024→4), torchvision {m[TV] / 1e6:.2f} M (Linear(1024, "
+            f"{c + 1}) + Linear(1024, {4 * (c + 1)})); the shared box head does {m['shared'] / 1e6:.1f} M per RoI "
+            "before them."
+        )
+    lines += [
+        f"- Image size: {h}×{w} keeps the run near 10 minutes on 2 shared cores. The backbone, FPN and RPN cost grows "
+        "with the image area while the RoI head's does not (1000 RoIs at inference, 2 × 512 in training at any "
+        "size), so at the recipes' sizes (short side 640–800) the head's share, and the overhead, would be smaller "
+        "than measured here.",
+        "- "
+        + (
+            "Profiler tables below (a goal was missed, or `--profile always`)."
+            if any("profile" in r for r in results.values())
+            else "Profiling was off (`--profile never`)."
+            if args.profile == "never"
+            else "No goal was missed, so no profiler tables were recorded (`--profile always` adds them)."
+        ),
+    ]
     for c, r in results.items():
         for name, table in r.get("profile", {}).items():
             lines += [

@@ -406,8 +406,8 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{float(logit_scale):.1f}")
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{float(logit_scale.detach()):.1f}")
     bar.close()
     model.eval()
     train_s = time.perf_counter() - start - render_s

@@ -5,7 +5,9 @@ top ``K``), each box is cropped from the **original** image and encoded with the
 after open_clip's own eval preprocessing (:class:`CropPreprocess`: shortest side to the input size
 with bicubic resampling, centre crop, CLIP mean/std). Unlike the reference loop (one PIL crop and
 one batch-1 forward at a time, exceptions swallowed), images are decoded and cropped in DataLoader
-workers, crops of many images share one ``encode_images`` call, and every failure raises.
+workers, crops of many images share one ``encode_images`` call, and every failure raises. With the
+``"tensor"`` resize backend the workers only decode and the crops are resized on the CLIP's device
+(what ``clip.preprocess`` does to a tensor crop), which takes the resizing off the CPUs on a GPU.
 
 Work is split into fixed **chunks** of consecutive images of a shard; a finished chunk is written
 atomically as ``<out>/parts/shard{i}-chunk{j}.npz``. A rerun skips finished chunks (after checking
@@ -23,7 +25,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,7 +453,7 @@ def _encode_chunks(
     num_workers: int,
     resize_backend: str,
     bar: tqdm,
-    finish: Any,
+    finish: Callable[[_Chunk, dict[str, np.ndarray]], None],
 ) -> None:
     """Crop and encode the given chunks (their boxes known); call ``finish(chunk, arrays)`` per chunk."""
     boxes = {p: b for c in chunks for p, b in zip(c.positions, c.boxes, strict=True)}
