@@ -13,6 +13,11 @@ Crops come from :func:`ovd.data.ovshapes.render_object_crops` (its own seed stre
 detection train/val images) in fixed chunks whose seeds are derived from ``(seed, purpose, chunk)``,
 so training and held-out evaluation crops never share a seed and the crops do not depend on the
 number of render workers.
+
+Accuracy vs. compute (``ovd-tiny`` from scratch, 16 classes, ``"a photo of a {}"``, held-out crops):
+the default (240 steps × 128 crops, ~100 s on 2 idle CPU cores) reaches ~14 % top-1; 2,000 steps
+(~256k crops seen) ~46 %. The curve gains ~10 points per doubling of crops seen, so 90 % needs
+millions of crops: far beyond a 1-2 minute CPU budget.
 """
 
 from __future__ import annotations
@@ -60,11 +65,15 @@ _EVAL_BATCH = 256  # crops per forward pass in zero_shot_accuracy
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """How the OV-Shapes teacher is trained (every field changes the resulting weights)."""
+    """How the OV-Shapes teacher is trained (every field changes the resulting weights).
+
+    The defaults fit the main job's budget (about 2 minutes on 2 CPU cores) but do not reach the
+    issue's 90 % target: the measured accuracy is in the sidecar (see the module docstring).
+    """
 
     model_name: str = "ovd-tiny"
     """open_clip architecture, trained from random init; its image size must equal ``crop_size``."""
-    num_train_crops: int = 6144
+    num_train_crops: int = 4096
     """Training crops rendered once (all classes, uniformly); >= 1."""
     num_eval_crops: int = 1024
     """Held-out crops for the reported zero-shot accuracy (another seed stream); >= 1."""
@@ -76,13 +85,13 @@ class TeacherConfig:
     """Share of crops showing part of another object beside the main one, in [0, 1]."""
     steps: int = 240
     """Optimizer steps; >= 1."""
-    batch_size: int = 256
+    batch_size: int = 128
     """Crops per step (each with its own caption); >= 2."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """Peak AdamW learning rate, reached after ``warmup_steps``, then cosine decay to ``min_lr``."""
     min_lr: float = 1e-5
     """Learning rate at the last step."""
-    warmup_steps: int = 20
+    warmup_steps: int = 25
     """Linear warm-up steps from 0 to ``lr``; >= 0."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices only (no biases, norms or logit scale), as open_clip."""
@@ -120,7 +129,8 @@ class TeacherConfig:
         check(self.steps >= 1, "steps", "must be >= 1")
         check(self.batch_size >= 2, "batch_size", "must be >= 2")
         check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", "need lr > 0 and 0 <= min_lr <= lr")
-        check(self.warmup_steps >= 0 and self.weight_decay >= 0, "warmup_steps", "must be >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.temperature_init > 0, "temperature_init", "must be > 0")
         for key in ("partial_prob", "context_prob", "hflip_prob"):
             check(0 <= getattr(self, key) <= 1, key, "must lie in [0, 1]")
@@ -392,7 +402,7 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
         x = augment(pixels[idx].permute(0, 3, 1, 2).float().div(255.0), cfg, g)  # (B, 3, H, W)
         x = _normalize(x, clip)  # (B, 3, H, W)
         if cfg.label_aware:  # encode each distinct caption once; its label is its crop's class
-            uniq, first = _first_occurrence(caption_ids[idx])  # (U,), (U,)
+            first = _first_occurrence(caption_ids[idx])  # (U,)
             text_idx, image_labels, text_labels = idx[first], labels_t[idx], labels_t[idx[first]]
         else:
             text_idx, image_labels = idx, torch.arange(len(idx))
@@ -431,7 +441,7 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
             "render": round(render_s, 2),
             "train": round(train_s, 2),
             "total": round(time.perf_counter() - start, 2),
-        },  # fmt: skip
+        },
         "torch_threads": torch.get_num_threads(),
         "open_clip_version": open_clip.__version__,
         "torch_version": torch.__version__,
@@ -446,14 +456,14 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
     return record
 
 
-def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Distinct values of ``Tensor[B]`` and the index of each one's first occurrence (``Tensor[U]``)."""
+def _first_occurrence(ids: Tensor) -> Tensor:
+    """For each distinct value of ``Tensor[B]``, the index of its first occurrence (``Tensor[U]``)."""
     uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B,)
     positions = torch.arange(ids.numel())
     first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long).scatter_reduce(
         0, inverse, positions, reduce="amin"
     )  # (U,)
-    return uniq, first
+    return first
 
 
 def teacher_path(root: Path | None = None) -> Path:
