@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import numpy as np
+from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
 
 from ovd.evaluation.coco_ovd import evaluate_ovd
 from ovd.utils.io import atomic_open
@@ -85,17 +86,6 @@ def make_data(
             )
     categories = [{"id": c, "name": f"class_{c}"} for c in COCO_IDS]
     return {"images": images, "annotations": anns, "categories": categories}, dets
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -33,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
 
 from ovd.clip import create_clip
 from ovd.distill import FileProposals, RegionStore, extract_region_embeddings, write_region_store
@@ -200,8 +201,7 @@ def bench_store(work: Path, n: int, k: int = 5, d: int = 512, batch: int = 8, lo
 
 
 def report(args, rows, store, gen_s, total_s) -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     load = os.getloadavg()
     lines = [

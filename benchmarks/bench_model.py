@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torchvision
+from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
@@ -403,17 +404,6 @@ def infer_fn(model: nn.Module, images) -> Callable[[], None]:
 # ------------------------------------------------------------------------------------------------
 # Report helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pct(x: float) -> str:

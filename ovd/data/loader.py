@@ -56,8 +56,8 @@ K = TypeVar("K", bound=Hashable)
 # --------------------------------------------------------------------------------------------------
 
 
-def read_image_rgb(file_name: str) -> np.ndarray:
-    """Decode an image file into ``uint8[H, W, 3]`` RGB.
+def read_image_bgr(file_name: str) -> np.ndarray:
+    """Decode an image file into ``uint8[H, W, 3]`` BGR (OpenCV's order).
 
     Raises:
         OVDError: the file is missing, unreadable or not a decodable image.
@@ -72,7 +72,28 @@ def read_image_rgb(file_name: str) -> np.ndarray:
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise OVDError("cannot decode image (corrupt or unsupported format)", path=path)
-    return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
+    return img
+
+
+def read_image_rgb(file_name: str) -> np.ndarray:
+    """Decode an image file into ``uint8[H, W, 3]`` RGB (errors as :func:`read_image_bgr`)."""
+    return cv2.cvtColor(read_image_bgr(file_name), cv2.COLOR_BGR2RGB)
+
+
+def read_record_image(rec: ImageRecord, *, rgb: bool = True) -> np.ndarray:
+    """Decode a record's image (RGB, or BGR with ``rgb=False``) and check its size against the record.
+
+    Raises:
+        OVDError: as :func:`read_image_bgr`, or the decoded size differs from the annotation's.
+    """
+    img = read_image_rgb(rec.file_name) if rgb else read_image_bgr(rec.file_name)
+    if img.shape[:2] != (rec.height, rec.width):
+        raise OVDError(
+            f"decoded image is {img.shape[0]}x{img.shape[1]} (HxW) but the annotation file says "
+            f"{rec.height}x{rec.width}",
+            path=rec.file_name,
+        )
+    return img
 
 
 class DetectionDataset(Dataset):
@@ -121,13 +142,7 @@ class DetectionDataset(Dataset):
             idx = key
             rng = np.random.default_rng((self.seed, idx))
         rec = self.records[idx]
-        img = read_image_rgb(rec.file_name)
-        if img.shape[:2] != (rec.height, rec.width):
-            raise OVDError(
-                f"decoded image is {img.shape[0]}x{img.shape[1]} (HxW) but the annotation file says "
-                f"{rec.height}x{rec.width}",
-                path=rec.file_name,
-            )
+        img = read_record_image(rec)
         params = self.augmentation.sample(rec.height, rec.width, rng)
         img = params.apply_image(img)  # (H, W, 3)
         boxes = params.apply_boxes(rec.boxes)  # (N, 4)

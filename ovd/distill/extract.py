@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ovd.clip.model import ClipBundle
-from ovd.data.loader import read_image_rgb
+from ovd.data.loader import read_record_image
 from ovd.distill.proposals import FileProposals, ProposalSource, clip_to_image, select_top_k
 from ovd.distill.store import (
     STORE_FORMAT,
@@ -214,30 +214,9 @@ class CropEncoder:
 
 
 def _decode(rec: ImageRecord, *, rgb: bool = True) -> np.ndarray:
-    """Decode a record's image (``uint8[H, W, 3]``, RGB or BGR) and check its size against the record.
-
-    The errors are those of :func:`ovd.data.loader.read_image_rgb` (missing / unreadable / corrupt file).
-    """
-    if rgb:
-        img = read_image_rgb(rec.file_name)
-    else:  # skip read_image_rgb's full-image BGR -> RGB copy: crops are flipped after resizing instead
-        path = Path(rec.file_name)
-        if not path.is_file():
-            raise OVDError("image file not found", path=path)
-        try:
-            buf = np.fromfile(path, dtype=np.uint8)
-        except OSError as e:
-            raise OVDError(f"cannot read image file ({e})", path=path) from e
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-        if img is None:
-            raise OVDError("cannot decode image (corrupt or unsupported format)", path=path)
-    if img.shape[:2] != (rec.height, rec.width):
-        raise OVDError(
-            f"decoded image is {img.shape[0]}x{img.shape[1]} (HxW) but the annotation file says "
-            f"{rec.height}x{rec.width}",
-            path=rec.file_name,
-        )
-    return img
+    """A record's image; BGR (``rgb=False``) skips a full-image channel flip: crops are flipped
+    after resizing instead."""
+    return read_record_image(rec, rgb=rgb)
 
 
 def _error(e: OVDError) -> tuple[str, str | None, str | None]:

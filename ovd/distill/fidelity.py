@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ovd.data.loader import read_image_rgb
+from ovd.data.loader import read_record_image
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.distill.proposals import Proposals, ProposalSource
 from ovd.distill.store import RegionStore
@@ -79,7 +79,7 @@ def region_fidelity(
         if len(boxes) == 0:
             continue
         params = augmentation.sample(rec.height, rec.width, np.random.default_rng(0))
-        image = torch.from_numpy(np.ascontiguousarray(params.apply_image(read_image_rgb(rec.file_name))))
+        image = torch.from_numpy(np.ascontiguousarray(params.apply_image(read_record_image(rec))))
         batch = model.preprocess([image.permute(2, 0, 1)])
         feats = model.features(batch)
         student_boxes = torch.from_numpy(params.apply_boxes(boxes)).to(model.device)
