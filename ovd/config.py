@@ -18,7 +18,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -115,6 +115,11 @@ class ClassifierCfg:
     zero_freq_thresh: float = 1e-4  # frequency ≤ this counts as "no training image"
     use_fed_loss: bool = False  # federated loss: only appeared + sampled classes get negatives (§2.3)
     fed_loss_num_classes: int = 50  # classes per batch under the federated loss
+    # Weight transfer (METHOD §5): classify with fc4(σ(fc3(x))) + x·fc2(σ(fc1(W_rkd)))ᵀ, W_rkd frozen
+    # (initialise from the RKD stage: init_weights / init_stage).
+    weight_transfer: bool = False
+    weight_transfer_hidden_dim: int = 1024  # width of the residual MLP fc3 → fc4
+    weight_transfer_negative_slope: float = 0.1  # slope of the LeakyReLU σ
 
 
 @dataclass(frozen=True)
@@ -131,12 +136,23 @@ class DistillCfg:
 
 
 @dataclass(frozen=True)
+class ImageLabelCfg:
+    """Losses on image-labelled batches (PIS, METHOD §4.4): the source's ``supervision`` picks one."""
+
+    # Weight of the image-level loss: "pseudo" sources use the pseudo max-score loss on their pseudo
+    # boxes (PMS_LOSS_WEIGHT), "image" sources Detic's max-size loss on the largest RPN proposal.
+    loss_weight: float = 0.1
+    max_size_num_proposals: int = 128  # "image" sources: RPN proposals among which the largest is taken
+
+
+@dataclass(frozen=True)
 class ModelCfg:
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
     rpn: RPNCfg = field(default_factory=RPNCfg)
     roi_heads: RoIHeadsCfg = field(default_factory=RoIHeadsCfg)
     classifier: ClassifierCfg = field(default_factory=ClassifierCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    image_label: ImageLabelCfg = field(default_factory=ImageLabelCfg)
     # RGB pixel statistics on a 0–255 scale (torchvision ImageNet weights).
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -155,8 +171,30 @@ class InputCfg:
     flip_prob: float = 0.5  # horizontal flip probability, training
 
 
+SUPERVISIONS = ("box", "pseudo", "image")
+
+
+@dataclass(frozen=True)
+class SourceCfg:
+    """One training source of a multi-source run (METHOD §1.5): a dataset and how it is used."""
+
+    dataset: str = ""  # catalog name
+    # box: detection losses on its boxes; pseudo: the pseudo max-score loss on its pseudo boxes
+    # (a dataset of ann_type "pseudo"); image: Detic's max-size loss on its image-level labels.
+    supervision: str = "box"
+    ratio: float = 1.0  # sampling ratio: the source gets ratio / Σ ratios of the sampled images
+    batch_size: int = 2  # images per batch on each rank (a batch holds one source only)
+    min_size: list[int] = field(default_factory=list)  # training short sides; [] = input.min_size_train
+    max_size: int = 0  # training long-side cap; 0 = input.max_size_train
+    region_store: str = ""  # RKD regions of this source's images ("" = no distillation on it)
+    repeat_threshold: float = 0.0  # LVIS repeat-factor sampling threshold t (0 = off; LVIS: 0.001)
+
+
 @dataclass(frozen=True)
 class DataCfg:
+    # Multi-source training (PIS): when non-empty, replaces `train`/`region_store` and
+    # solver.ims_per_batch (each source has its own batch size).
+    sources: list[SourceCfg] = field(default_factory=list)
     train: str = "coco_ovd_train"  # catalog name of the box-annotated training set
     test: str = "coco_ovd_val"  # catalog name of the evaluation set
     num_workers: int = 2  # DataLoader worker processes per rank
@@ -234,6 +272,10 @@ def _check_keys(data: Any, schema: type, prefix: str, source: str) -> None:
         sub = hints[key]
         if is_dataclass(sub) and isinstance(value, dict):
             _check_keys(value, sub, f"{path}.", source)
+        item = get_args(sub)[0] if get_origin(sub) is list and get_args(sub) else None
+        if is_dataclass(item) and isinstance(value, list):
+            for i, entry in enumerate(value):
+                _check_keys(entry, item, f"{path}[{i}].", source)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:

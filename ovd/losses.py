@@ -125,3 +125,51 @@ def irm_loss(student: Tensor, teacher: Tensor) -> Tensor:
     g_s = F.normalize(s @ s.T, dim=1)  # (R, R)
     g_t = F.normalize(t @ t.T, dim=1)  # (R, R)
     return (g_s - g_t).pow(2).sum()
+
+
+def pseudo_max_score_loss(logits: Tensor, labels: Tensor, image_index: Tensor, num_images: int) -> Tensor:
+    """PIS "pseudo max-score" loss (METHOD §4.4, §10.7), without its weight.
+
+    Each row is the region of one pseudo box, labelled with the image-level class it was made for:
+    ``L = (1/B) Σ_b (1/|L_b|) Σ_{ℓ∈L_b} Σ_{c=0..C} BCE(z_{k(ℓ),c}, 1[c=ℓ])``. The sum runs over **all**
+    ``C+1`` columns, background included, with no class weight: every other class is a negative.
+
+    Args:
+        logits: ``Tensor[P, C+1]`` logits of the ``P`` pseudo-box regions of the batch.
+        labels: ``int64[P]`` the class ``ℓ`` of each row, in ``[0, C)``.
+        image_index: ``int64[P]`` the batch image ``b`` of each row, in ``[0, num_images)``.
+        num_images: ``B``, the images of the batch (those without a pseudo box count, with loss 0).
+
+    Returns:
+        A scalar; 0 (with gradient) when ``P == 0``.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)  # (P, C+1)
+    per_row = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)  # (P,)
+    rows_per_image = torch.bincount(image_index, minlength=num_images).to(logits.dtype)  # (B,)
+    return (per_row / rows_per_image[image_index]).sum() / num_images
+
+
+def max_size_loss(logits: Tensor, labels: Tensor, image_index: Tensor, num_images: int) -> Tensor:
+    """Detic's image-label loss: the largest proposal of each image takes all of its labels.
+
+    ``L = (1/B) Σ_b Σ_{c<C} BCE(z_{k_b,c}, 1[c ∈ L_b])`` with ``k_b`` the largest proposal of image
+    ``b`` (Zhou et al. 2022, "max-size"); foreground columns only.
+
+    Args:
+        logits: ``Tensor[B', C+1]`` logits of the largest proposal of each image that has labels.
+        labels: ``Tensor[B', C]`` multi-hot image-level labels of those images.
+        image_index: ``int64[B']`` their batch images (rows must be distinct images).
+        num_images: ``B``.
+
+    Returns:
+        A scalar; 0 (with gradient) when ``B' == 0``.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    if image_index.unique().numel() != image_index.numel():
+        raise ValueError("max_size_loss takes one row per image")
+    num_classes = logits.shape[1] - 1
+    loss = F.binary_cross_entropy_with_logits(logits[:, :num_classes], labels.to(logits.dtype), reduction="none")
+    return loss.sum() / num_images

@@ -1,4 +1,4 @@
-"""Losses against the hand-computed values of METHOD §10 (2, 3, 4, 10)."""
+"""Losses against the hand-computed values of METHOD §10 (2, 3, 4, 7, 10)."""
 
 import math
 
@@ -11,6 +11,8 @@ from ovd.losses import (
     distill_l1_loss,
     fed_loss_classes,
     irm_loss,
+    max_size_loss,
+    pseudo_max_score_loss,
     sigmoid_ce_loss,
     zero_count_class_weight,
 )
@@ -133,3 +135,49 @@ def test_irm_is_a_sum_not_a_mean():
         ra, rb = a[i] / a[i].norm(), b[i] / b[i].norm()
         loop += ((ra - rb) ** 2).sum().item()
     assert irm_loss(s, t).item() == pytest.approx(loop, rel=1e-5)
+
+
+# --- PIS losses (METHOD §4.4, §10.7) ------------------------------------------------------------
+
+
+def test_pseudo_max_score_case_1() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])  # C = 3 plus the background column
+    inner = pseudo_max_score_loss(logits, torch.tensor([0]), torch.tensor([0]), 1)
+    assert inner.item() == pytest.approx(2.107414, abs=1e-6)
+    assert 0.1 * inner.item() == pytest.approx(0.210741, abs=1e-6)
+
+
+def test_pseudo_max_score_case_2_two_labels_one_image() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.0, 1.0, -2.0, 0.0]])
+    loss = pseudo_max_score_loss(logits, torch.tensor([0, 2]), torch.tensor([0, 0]), 1)
+    assert 0.1 * loss.item() == pytest.approx(0.346695, abs=1e-6)
+
+
+def test_pseudo_max_score_matches_slow_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 6, generator=g)  # C = 5
+    labels = torch.tensor([0, 4, 1, 2, 2, 3, 0])
+    image = torch.tensor([0, 0, 1, 3, 3, 3, 1])  # image 2 has no pseudo box
+    expected = 0.0
+    for b in range(4):
+        rows = [i for i in range(7) if image[i] == b]
+        per_label = [sum(bce(float(logits[i, c]), float(c == labels[i])) for c in range(6)) for i in rows]
+        expected += sum(per_label) / len(rows) if rows else 0.0
+    loss = pseudo_max_score_loss(logits, labels, image, 4)
+    assert loss.item() == pytest.approx(expected / 4, rel=1e-6)
+
+
+def test_pseudo_max_score_empty_has_gradient() -> None:
+    logits = torch.zeros(0, 4, requires_grad=True)
+    loss = pseudo_max_score_loss(logits, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_max_size_loss_by_hand() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0]])  # the image is tagged with classes 0 and 2
+    loss = max_size_loss(logits, labels, torch.tensor([0]), 2)  # two images, one without labels
+    expected = (bce(2.0, 1) + bce(-1.0, 0) + bce(0.5, 1)) / 2  # foreground columns only
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        max_size_loss(logits.repeat(2, 1), labels.repeat(2, 1), torch.tensor([0, 0]), 2)

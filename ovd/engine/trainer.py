@@ -8,19 +8,22 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ovd.config import Config, SolverCfg, config_to_yaml, save_config
-from ovd.data.catalog import get_dataset
+from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_to_yaml, save_config
+from ovd.data.catalog import DatasetInfo, get_dataset
 from ovd.data.coco import category_image_counts, load_dataset
-from ovd.data.loader import build_train_loader
+from ovd.data.loader import DetectionDataset, build_train_loader, collate_list, seed_worker
+from ovd.data.multi_source import MultiSourceBatchSampler, MultiSourceDataset
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
 from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
@@ -28,32 +31,153 @@ from ovd.engine.evaluate import evaluate
 from ovd.engine.schedule import lr_factor
 from ovd.engine.vocabulary import class_embeddings
 from ovd.errors import OVDError
-from ovd.modeling.build import build_model
+from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
+from ovd.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-_TARGET_KEYS = ("boxes", "labels", "distill_boxes", "distill_embeddings")
+_TARGET_KEYS = ("boxes", "labels", "pos_labels", "distill_boxes", "distill_embeddings")
 
 
-def _region_store(cfg: Config, records: list) -> Any:
-    """The region store of ``data.region_store`` when distillation is on (checked against the data)."""
-    if not cfg.model.distill.enabled:
-        return None
-    if not cfg.data.region_store:
-        raise OVDError("model.distill.enabled needs a region store", field="data.region_store")
+def _region_store(path: str, dataset: str, records: list, field: str) -> Any:
+    """The region store at ``path``, checked to cover every image of ``records``."""
+    if not path:
+        raise OVDError("model.distill.enabled needs a region store", field=field)
     from ovd.distill.store import RegionStore
 
-    store = RegionStore.open(cfg.data.region_store)
+    store = RegionStore.open(path)
     missing = store.missing([r.image_id for r in records])
     if len(missing):
         raise OVDError(
             f"{len(missing)} of {len(records)} training images have no stored regions (e.g. image ids "
-            f"{list(missing[:5])}); was the store extracted for {cfg.data.train}?",
-            path=cfg.data.region_store,
+            f"{list(missing[:5])}); was the store extracted for {dataset}?",
+            path=path,
         )
     return store
+
+
+@dataclass
+class TrainSource:
+    """A training source resolved from the config: its data, augmentation and supervision."""
+
+    cfg: SourceCfg
+    info: DatasetInfo
+    records: list[ImageRecord]
+    augmentation: ResizeFlipAugmentation
+    regions: Any  # a RegionStore, or None
+
+
+def _train_sources(cfg: Config, world: int) -> list[TrainSource]:
+    """The sources of ``data.sources``, or the single box source ``data.train`` when it is empty."""
+    if not cfg.data.sources:
+        if cfg.solver.ims_per_batch % world:
+            raise OVDError(
+                f"ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world} processes",
+                field="solver.ims_per_batch",
+            )
+        specs = [
+            SourceCfg(
+                dataset=cfg.data.train,
+                batch_size=cfg.solver.ims_per_batch // world,
+                region_store=cfg.data.region_store,
+            )
+        ]
+        region_field = "data.region_store"
+    else:
+        specs = list(cfg.data.sources)
+        region_field = "data.sources[].region_store"
+    out = []
+    for i, spec in enumerate(specs):
+        where = f"data.sources[{i}]" if cfg.data.sources else "data.train"
+        if spec.supervision not in SUPERVISIONS:
+            raise OVDError(
+                f"unknown supervision {spec.supervision!r}; choose one of {', '.join(SUPERVISIONS)}",
+                field=f"{where}.supervision",
+            )
+        info = get_dataset(spec.dataset)
+        if spec.supervision == "pseudo" and info.ann_type != "pseudo":
+            raise OVDError(
+                f"supervision 'pseudo' needs a pseudo-label dataset (ann_type 'pseudo'); {spec.dataset!r} has "
+                f"ann_type {info.ann_type!r} (make one with tools/generate_pseudo_labels.py)",
+                field=f"{where}.supervision",
+            )
+        if spec.supervision == "box" and info.ann_type != "box":
+            raise OVDError(f"{spec.dataset!r} has no boxes (ann_type {info.ann_type!r})", field=f"{where}.supervision")
+        records = load_dataset(info)
+        if not records:
+            raise OVDError(f"training dataset {spec.dataset!r} has no images", field=f"{where}.dataset")
+        i_cfg = cfg.input
+        augmentation = ResizeFlipAugmentation(
+            tuple(spec.min_size or i_cfg.min_size_train),
+            spec.max_size or i_cfg.max_size_train,
+            sample_style=i_cfg.min_size_train_sampling,
+            flip_prob=i_cfg.flip_prob,
+        )  # type: ignore[arg-type]
+        regions = None
+        if cfg.model.distill.enabled:
+            regions = _region_store(spec.region_store, spec.dataset, records, region_field)
+        out.append(TrainSource(spec, info, records, augmentation, regions))
+    names = out[0].info.class_names
+    for src in out[1:]:
+        if src.info.class_names != names:
+            raise OVDError(
+                f"training sources must share one class list: {src.cfg.dataset!r} differs from {out[0].cfg.dataset!r}",
+                field="data.sources",
+            )
+    return out
+
+
+def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> DataLoader:
+    """The single-source epoch sampler, or the multi-source weighted sampler of ``data.sources``."""
+    if not cfg.data.sources:
+        src = sources[0]
+        return build_train_loader(
+            src.records,
+            src.augmentation,
+            batch_size=src.cfg.batch_size,
+            seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            start_iter=start_iter,
+            regions=src.regions,
+            num_regions=cfg.model.distill.num_regions,
+        )
+    from ovd.data.lvis import repeat_factors
+
+    factors = [
+        repeat_factors(s.records, s.info.num_classes, s.cfg.repeat_threshold) if s.cfg.repeat_threshold > 0 else None
+        for s in sources
+    ]
+    sampler = MultiSourceBatchSampler(
+        [s.records for s in sources],
+        [s.cfg.ratio for s in sources],
+        [s.cfg.batch_size for s in sources],
+        seed=cfg.seed,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        start_iter=start_iter,
+        repeat_factors=factors,
+    )
+    datasets = [
+        DetectionDataset(
+            s.records, s.augmentation, seed=cfg.seed, regions=s.regions, num_regions=cfg.model.distill.num_regions
+        )
+        for s in sources
+    ]
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    return DataLoader(
+        MultiSourceDataset(datasets),
+        batch_sampler=sampler,
+        collate_fn=collate_list,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=seed_worker,
+        generator=generator,
+    )
 
 
 def build_optimizer(solver: SolverCfg, model: nn.Module) -> torch.optim.SGD:
@@ -86,16 +210,22 @@ def _unwrap(model: nn.Module) -> OpenVocabDetector:
 def build_detector_for_dataset(
     cfg: Config, dataset: str, output_dir: Path
 ) -> tuple[OpenVocabDetector, Any, torch.Tensor]:
-    """(model, dataset info, class embeddings) for training on ``dataset``."""
+    """(model, (dataset info, records), class embeddings) for training on the box dataset ``dataset``."""
     info = get_dataset(dataset)
     records = load_dataset(info)
-    counts = torch.as_tensor(category_image_counts(records, info.num_classes))
+    model, emb = _build_detector(cfg, info, category_image_counts(records, info.num_classes), output_dir)
+    return model, (info, records), emb
+
+
+def _build_detector(
+    cfg: Config, info: DatasetInfo, image_counts: Any, output_dir: Path
+) -> tuple[OpenVocabDetector, torch.Tensor]:
+    counts = torch.as_tensor(image_counts)
     # Rank 0 computes (or reads) the embeddings and shares them, so every rank holds the same
     # vocabulary even with a randomly initialised text encoder.
     emb = class_embeddings(cfg.clip, info.class_names, output_dir) if dist.is_main_process() else None
     emb = dist.all_gather_objects(emb)[0]
-    model = build_model(cfg, class_embeddings=emb, class_image_counts=counts)
-    return model, (info, records), emb
+    return build_model(cfg, class_embeddings=emb, class_image_counts=counts), emb
 
 
 def checkpoint_state(model: nn.Module, cfg: Config, class_names: tuple[str, ...], emb: torch.Tensor) -> dict[str, Any]:
@@ -118,8 +248,14 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
-    model, (info, records), emb = build_detector_for_dataset(cfg, cfg.data.train, out)
+    world = dist.get_world_size()
+    sources = _train_sources(cfg, world)
+    info = sources[0].info
+    # the classes a box loss may train: image counts over the box sources only (METHOD §2.3)
+    box_records = [r for s in sources if s.cfg.supervision == "box" for r in s.records]
+    model, emb = _build_detector(cfg, info, category_image_counts(box_records, info.num_classes), out)
     model.to(device)
+    loss_names = sorted({k for s in sources for k in model.loss_names(s.cfg.supervision)})
 
     solver = cfg.solver
     optimizer = build_optimizer(solver, model)
@@ -148,16 +284,17 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         logger.info("resumed from %s at iteration %d", ckpt, start_iter)
     elif cfg.init_weights:
         state = load_checkpoint(cfg.init_weights)
-        load_model_state(model, state["model"], source=cfg.init_weights)
+        # a weight-transfer model starts from an RKD checkpoint, which has no fc1-fc4 yet (METHOD §5)
+        new = WEIGHT_TRANSFER_NEW_KEYS if cfg.model.classifier.weight_transfer else ()
+        load_model_state(model, state["model"], source=cfg.init_weights, allow_missing=new)
 
-    world = dist.get_world_size()
-    if solver.ims_per_batch % world:
-        raise OVDError(
-            f"ims_per_batch={solver.ims_per_batch} is not divisible by {world} processes",
-            field="solver.ims_per_batch",
-        )
     if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # batches of different supervision leave different parameters unused (METHOD §1.5)
+        model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=len({s.cfg.supervision for s in sources}) > 1,
+        )
 
     def save(iteration: int) -> None:
         if dist.is_main_process():
@@ -173,18 +310,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
             save_checkpoint(out / name, state)
         dist.synchronize()
 
-    loader = build_train_loader(
-        records,
-        train_augmentation(cfg),
-        batch_size=solver.ims_per_batch // world,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        rank=dist.get_rank(),
-        world_size=world,
-        start_iter=start_iter,
-        regions=_region_store(cfg, records),
-        num_regions=cfg.model.distill.num_regions,
-    )
+    loader = _build_loader(cfg, sources, start_iter)
     writer = SummaryWriter(str(out / "tensorboard")) if dist.is_main_process() else None
     bar = tqdm(
         total=solver.max_iter,
@@ -200,8 +326,9 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         batch = next(data_iter)
         images = [b["image"] for b in batch]
         targets = [{k: b[k] for k in _TARGET_KEYS if k in b} for b in batch]
+        supervision = sources[batch[0].get("source", 0)].cfg.supervision
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            losses = model(images, targets)
+            losses = model(images, targets, supervision)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -220,7 +347,9 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         scheduler.step()
         step = iteration + 1
         if step % cfg.log_period == 0 or step == solver.max_iter:
-            scalars = dist.reduce_mean({k: v.item() for k, v in losses.items()} | {"total_loss": total.item()})
+            # every rank logs the same keys: losses its batch did not have count as 0
+            values = {k: float(losses[k].item()) if k in losses else 0.0 for k in loss_names}
+            scalars = dist.reduce_mean(values | {"total_loss": total.item()})
             if writer is not None:
                 for k, v in scalars.items():
                     writer.add_scalar(f"train/{k}", v, step)

@@ -18,8 +18,12 @@ from ovd.modeling.roi_heads import (
     OpenVocabRoIHeads,
 )
 from ovd.modeling.rpn import build_rpn
+from ovd.modeling.weight_transfer import WeightTransferClassifier
 
 BACKBONES = ("resnet50_c4", "resnet50_fpn", "resnet18_fpn", "tiny_fpn")
+
+WEIGHT_TRANSFER_NEW_KEYS = tuple(f"roi_heads.classifier.fc{k}." for k in range(1, 5))
+"""State-dict prefixes that a weight-transfer model may miss when initialised from an RKD checkpoint."""
 
 
 def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, int, int]:
@@ -88,9 +92,21 @@ def build_model(
             )
         if c.use_fed_loss:
             fed_freq = class_image_counts.float().pow(c.freq_weight_power)
-    classifier = ZeroShotClassifier(
-        feat_dim, class_embeddings, temperature=c.temperature, use_bias=c.use_bias, bias_init=c.bias_init
-    )
+    classifier: ZeroShotClassifier
+    if c.weight_transfer:
+        classifier = WeightTransferClassifier(
+            feat_dim,
+            class_embeddings,
+            temperature=c.temperature,
+            use_bias=c.use_bias,
+            bias_init=c.bias_init,
+            hidden_dim=c.weight_transfer_hidden_dim,
+            negative_slope=c.weight_transfer_negative_slope,
+        )
+    else:
+        classifier = ZeroShotClassifier(
+            feat_dim, class_embeddings, temperature=c.temperature, use_bias=c.use_bias, bias_init=c.bias_init
+        )
     roi_heads = OpenVocabRoIHeads(
         region_features=region,
         classifier=classifier,
@@ -112,6 +128,7 @@ def build_model(
         detections_per_image=r.detections_per_image,
         distill_l1_weight=d.l1_weight * d.weight_scale if d.enabled else 0.0,
         distill_irm_weight=d.irm_weight * d.weight_scale if d.enabled else 0.0,
+        image_label_weight=m.image_label.loss_weight,
     )
     p = m.rpn
     rpn = build_rpn(
@@ -135,4 +152,5 @@ def build_model(
         pixel_mean=list(m.pixel_mean),
         pixel_std=list(m.pixel_std),
         size_divisibility=m.size_divisibility,
+        max_size_num_proposals=m.image_label.max_size_num_proposals,
     )

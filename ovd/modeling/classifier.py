@@ -59,13 +59,24 @@ class ZeroShotClassifier(nn.Module):
             )
         self.vocabulary = normalized_vocabulary(class_embeddings).to(self.vocabulary.device)
 
+    def fc_weight_sum(self) -> Tensor:
+        """A scalar touching the trainable weights (``* 0.0`` gives a graph-connected zero loss)."""
+        return sum((p.sum() for p in self.parameters() if p.requires_grad), self.vocabulary.new_zeros(()))
+
     def project(self, x: Tensor) -> Tensor:
         """Region features ``Tensor[R, D']`` → embeddings ``Tensor[R, D]`` (not normalised)."""
         return self.linear(x)
 
+    def classification_embedding(self, x: Tensor) -> Tensor:
+        """Region features ``Tensor[R, D']`` → the embeddings ``Tensor[R, D]`` that are classified.
+
+        The plain classifier classifies its projection; the weight-transfer classifier overrides this.
+        """
+        return self.project(x)
+
     def forward(self, x: Tensor) -> Tensor:
         """``Tensor[R, D']`` → logits ``Tensor[R, C+1]`` (last column = background)."""
-        z = F.normalize(self.project(x).float(), dim=1)  # (R, D)
+        z = F.normalize(self.classification_embedding(x).float(), dim=1)  # (R, D)
         logits = self.temperature * z @ self.vocabulary.T  # (R, C+1)
         if self.bias is not None:
             logits = logits + self.bias

@@ -28,6 +28,7 @@ class OpenVocabDetector(nn.Module):
         roi_heads: second stage.
         pixel_mean, pixel_std: RGB statistics on a 0–255 scale.
         size_divisibility: batched images are padded to a multiple of this.
+        max_size_num_proposals: top RPN proposals among which the max-size loss takes the largest.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class OpenVocabDetector(nn.Module):
         pixel_mean: list[float],
         pixel_std: list[float],
         size_divisibility: int,
+        max_size_num_proposals: int = 128,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -47,6 +49,7 @@ class OpenVocabDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
+        self.max_size_num_proposals = max_size_num_proposals
 
     @property
     def device(self) -> torch.device:
@@ -96,30 +99,71 @@ class OpenVocabDetector(nn.Module):
             out.append((b[order], s[order]))
         return out
 
+    def loss_names(self, supervision: str) -> tuple[str, ...]:
+        """The loss keys a training batch of ``supervision`` returns (see :meth:`forward`)."""
+        distill = ("loss_distill_l1", "loss_irm") if self.distill_enabled else ()
+        if supervision == "box":
+            return ("loss_objectness", "loss_rpn_box_reg", "loss_cls", "loss_box_reg", *distill)
+        if supervision in ("pseudo", "image"):
+            return ("loss_image_label", *distill)
+        raise ValueError(f"unknown supervision {supervision!r}; expected box, pseudo or image")
+
     def forward(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        supervision: str = "box",
     ) -> dict[str, Tensor] | list[Detections]:
         """Training: ``targets`` → dict of losses; inference: a list of :class:`Detections`.
 
         Each target holds ``boxes`` float[N, 4] and ``labels`` int64[N], and for region distillation
         ``distill_boxes`` float[K, 4] with ``distill_embeddings`` float[K, D].
+
+        ``supervision`` says what the training batch's targets are (METHOD §4.4):
+
+        * ``"box"``: ground-truth boxes: RPN and detection losses;
+        * ``"pseudo"``: pseudo boxes (one per image-level label, ``labels`` = that label): the RPN is
+          not run, the pseudo boxes are the proposals, and the pseudo max-score loss is the only
+          detection loss;
+        * ``"image"``: image-level labels only (``pos_labels`` int64[L]): the largest RPN proposal of
+          each image takes all its labels (Detic's max-size loss); no RPN loss.
+
+        Region distillation losses are added to every kind of batch when distillation is on.
         """
         batch = self.preprocess(images)
         feats = self.features(batch)
         if targets is not None:
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-        proposals, rpn_losses = self.rpn(batch, feats, targets if self.training else None)
-        detections, roi_losses = self.roi_heads(feats, proposals, batch.image_sizes, targets)
-        if self.training:
+        if not self.training:
+            proposals, _ = self.rpn(batch, feats, None)
+            detections, _ = self.roi_heads(feats, proposals, batch.image_sizes, None)
+            return detections
+        if targets is None:
+            raise ValueError("targets are needed in training mode")
+        if supervision == "box":
+            proposals, rpn_losses = self.rpn(batch, feats, targets)
+            _, roi_losses = self.roi_heads(feats, proposals, batch.image_sizes, targets)
             losses = {**rpn_losses, **roi_losses}
-            if self.distill_enabled:
-                if targets is None or any("distill_boxes" not in t for t in targets):
-                    raise ValueError("region distillation is on but the batch has no distill_boxes")
-                losses |= self.roi_heads.distill_losses(
-                    feats,
-                    [t["distill_boxes"] for t in targets],
-                    [t["distill_embeddings"] for t in targets],
-                    batch.image_sizes,
-                )
-            return losses
-        return detections
+        elif supervision == "pseudo":
+            losses = self.roi_heads.pseudo_box_losses(
+                feats, [t["boxes"] for t in targets], [t["labels"] for t in targets], batch.image_sizes
+            )
+        elif supervision == "image":
+            with torch.no_grad():
+                proposals, _ = self.rpn.proposals_with_scores(batch, feats)
+            losses = self.roi_heads.max_size_losses(
+                feats, [p[: self.max_size_num_proposals] for p in proposals],
+                [t["pos_labels"] for t in targets], batch.image_sizes,
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown supervision {supervision!r}; expected box, pseudo or image")
+        if self.distill_enabled:
+            if any("distill_boxes" not in t for t in targets):
+                raise ValueError("region distillation is on but the batch has no distill_boxes")
+            losses |= self.roi_heads.distill_losses(
+                feats,
+                [t["distill_boxes"] for t in targets],
+                [t["distill_embeddings"] for t in targets],
+                batch.image_sizes,
+            )
+        return losses

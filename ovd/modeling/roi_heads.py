@@ -17,7 +17,15 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import MultiScaleRoIAlign, RoIAlign, batched_nms, box_iou, clip_boxes_to_image
 
-from ovd.losses import box_regression_loss, distill_l1_loss, fed_loss_classes, irm_loss, sigmoid_ce_loss
+from ovd.losses import (
+    box_regression_loss,
+    distill_l1_loss,
+    fed_loss_classes,
+    irm_loss,
+    max_size_loss,
+    pseudo_max_score_loss,
+    sigmoid_ce_loss,
+)
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.structures import Detections
 
@@ -95,6 +103,7 @@ class OpenVocabRoIHeads(nn.Module):
         cls_loss_weight, box_loss_weight: loss multipliers.
         score_thresh, nms_thresh, detections_per_image: inference.
         distill_l1_weight, distill_irm_weight: effective RKD loss weights (0 = off).
+        image_label_weight: weight of the image-level losses of PIS (METHOD §4.4).
     """
 
     def __init__(
@@ -120,6 +129,7 @@ class OpenVocabRoIHeads(nn.Module):
         detections_per_image: int,
         distill_l1_weight: float = 0.0,
         distill_irm_weight: float = 0.0,
+        image_label_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.region_features = region_features
@@ -140,6 +150,7 @@ class OpenVocabRoIHeads(nn.Module):
         self.detections_per_image = detections_per_image
         self.distill_l1_weight = distill_l1_weight
         self.distill_irm_weight = distill_irm_weight
+        self.image_label_weight = image_label_weight
 
     @property
     def num_classes(self) -> int:
@@ -227,7 +238,7 @@ class OpenVocabRoIHeads(nn.Module):
             teacher: per image ``Tensor[K_i, D]`` CLIP image embeddings.
         """
         if sum(len(b) for b in boxes) == 0:
-            zero = self.classifier.linear.weight.sum() * 0.0  # keeps every rank's graph alike under DDP
+            zero = self.classifier.fc_weight_sum() * 0.0  # keeps every rank's graph alike under DDP
             return {"loss_distill_l1": zero, "loss_irm": zero}
         student = self.region_embeddings(features, boxes, image_sizes).float()  # (R, D)
         target = torch.cat(teacher).float()  # (R, D)
@@ -235,6 +246,59 @@ class OpenVocabRoIHeads(nn.Module):
             "loss_distill_l1": self.distill_l1_weight * distill_l1_loss(student, target),
             "loss_irm": self.distill_irm_weight * irm_loss(student, target),
         }
+
+    def classify(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Logits ``Tensor[R, C+1]`` of the given boxes (per image ``Tensor[P_i, 4]``)."""
+        return self.classifier(self.region_features(features, boxes, image_sizes))
+
+    def pseudo_box_losses(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """PIS on pseudo boxes: each box is classified as the image-level label it was made for.
+
+        Args:
+            boxes: per image ``Tensor[P_i, 4]``, one pseudo box per label (they replace the proposals).
+            labels: per image ``int64[P_i]`` the label of each pseudo box.
+        """
+        index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])  # (P,)
+        if index.numel() == 0:
+            return {"loss_image_label": self.classifier.fc_weight_sum() * 0.0}
+        logits = self.classify(features, boxes, image_sizes).float()  # (P, C+1)
+        loss = pseudo_max_score_loss(logits, torch.cat(labels), index.to(logits.device), len(boxes))
+        return {"loss_image_label": self.image_label_weight * loss}
+
+    def max_size_losses(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        pos_labels: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """Detic's max-size loss: the largest proposal of each image takes all its image-level labels.
+
+        Args:
+            proposals: per image ``Tensor[P_i, 4]`` (RPN proposals).
+            pos_labels: per image ``int64[L_i]`` image-level labels.
+        """
+        keep = [i for i, (p, lab) in enumerate(zip(proposals, pos_labels, strict=True)) if len(p) and len(lab)]
+        if not keep:
+            return {"loss_image_label": self.classifier.fc_weight_sum() * 0.0}
+        largest = []
+        for i in keep:
+            p = proposals[i]
+            area = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])  # (P_i,)
+            largest.append(p[area.argmax()].view(1, 4))
+        feats = self.region_features(features, largest, [image_sizes[i] for i in keep])  # (B', D')
+        logits = self.classifier(feats).float()  # (B', C+1)
+        multi_hot = torch.zeros(len(keep), self.num_classes, device=logits.device)
+        for row, i in enumerate(keep):
+            multi_hot[row, pos_labels[i]] = 1.0
+        index = torch.as_tensor(keep, device=logits.device)
+        return {"loss_image_label": self.image_label_weight * max_size_loss(logits, multi_hot, index, len(proposals))}
 
     # -- inference -------------------------------------------------------------------------------
 
