@@ -1,7 +1,7 @@
 r"""Train the OV-Shapes CLIP teacher (a tiny open_clip model) and print its zero-shot accuracy.
 
 Example (the default teacher, at the path the OV-Shapes configs expect):
-    python tools/train_ovshapes_teacher.py --output datasets/ovshapes/teacher/ovd-tiny-ovshapes.pt
+    python tools/train_ovshapes_teacher.py --output datasets/ovshapes/teacher/ovshapes-clip.pt
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = TeacherConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, help="checkpoint .pt (default: <datasets root>/" + "ovshapes/teacher/"
-                   "ovd-tiny-ovshapes.pt); the JSON sidecar goes next to it")  # fmt: skip
+                   "ovshapes-clip.pt); the JSON sidecar goes next to it")  # fmt: skip
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="crops per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")

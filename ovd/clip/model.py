@@ -52,6 +52,9 @@ def register_model_configs() -> None:
     global _registered
     if _registered:
         return
+    from ovd.clip.tiny_cnn import register_timm_models
+
+    register_timm_models()  # image towers named by the configs below
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     _registered = True
 

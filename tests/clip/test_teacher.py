@@ -96,12 +96,12 @@ def test_training_lowers_the_loss(trained):
 
 def test_checkpoint_round_trips_through_create_clip(trained):
     root, path, model, _ = trained
-    assert path == root / "ovshapes" / "teacher" / "ovd-tiny-ovshapes.pt"
-    loaded = create_clip("ovd-tiny", pretrained=path)  # the ordinary open_clip path, nothing special
+    assert path == root / "ovshapes" / "teacher" / "ovshapes-clip.pt"
+    loaded = create_clip("ovd-tiny-cnn", pretrained=path)  # the ordinary open_clip path, nothing special
     assert loaded.checkpoint_sha256 == file_sha256(path)
     images, _, captions = render_teacher_crops(TINY, "eval")
-    x = crops_to_tensor(images[:4], loaded)  # (4, 3, 64, 64)
-    tokens = open_clip.get_tokenizer("ovd-tiny")(captions[:4])  # (4, 77)
+    x = crops_to_tensor(images[:4], loaded)  # (4, 3, 32, 32)
+    tokens = open_clip.get_tokenizer("ovd-tiny-cnn")(captions[:4])  # (4, 16)
     model.eval()
     with torch.no_grad():
         expected_img, expected_txt = model.encode_image(x), model.encode_text(tokens)
@@ -196,12 +196,12 @@ def test_zero_shot_accuracy_hand_made():
 
 
 def test_crops_to_tensor_equals_open_clip_preprocess():
-    clip = create_clip("ovd-tiny")
+    clip = create_clip("ovd-tiny-cnn")
     images, _, _ = render_teacher_crops(dataclasses.replace(TINY, num_eval_crops=3), "eval")
-    expected = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images])  # (3, 3, 64, 64)
+    expected = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images])  # (3, 3, 32, 32)
     torch.testing.assert_close(crops_to_tensor(images, clip), expected, rtol=0, atol=1e-6)
     with pytest.raises(OVDError, match="expected crops"):
-        crops_to_tensor(images[:, :32], clip)
+        crops_to_tensor(images[:, :16], clip)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_train_and_eval_crops_differ_and_ignore_workers(monkeypatch):
     again, again_labels, again_caps = render_teacher_crops(cfg, "train", workers=2)
     np.testing.assert_array_equal(train, again)
     np.testing.assert_array_equal(train_labels, again_labels)
-    assert train.shape == (10, 64, 64, 3) and train_caps == again_caps
+    assert train.shape == (10, 32, 32, 3) and train_caps == again_caps
     held_out, _, _ = render_teacher_crops(cfg, "eval")
     assert not any((a == b).all() for a in train for b in held_out)
 
@@ -240,6 +240,14 @@ def test_contrastive_loss_matches_open_clip_and_a_loop():
     torch.testing.assert_close(
         contrastive_loss(img, txt[perm], scale, img_labels, txt_labels[perm]), loop, rtol=1e-6, atol=1e-6
     )
+
+    # a class prompt whose class has no image in the batch: a negative of every image, no t2i term
+    extra = F.normalize(torch.randn(1, 8, generator=g), dim=-1)
+    txt4, labels4 = torch.cat([txt, extra]), torch.cat([txt_labels, torch.tensor([7])])
+    logits4 = scale * img @ txt4.T  # (5, 4)
+    i2t4 = [-logits4[i].log_softmax(0)[labels4 == img_labels[i]].mean() for i in range(5)]
+    loop4 = (torch.stack(i2t4).mean() + torch.stack(t2i).mean()) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt4, scale, img_labels, labels4), loop4)
 
 
 def test_learning_rate_schedule():
