@@ -41,15 +41,27 @@ class RegionsCfg:
     """Class-agnostic regions + CLIP embeddings for region distillation (METHOD §3.1–§3.2)."""
 
     proposals: str = ""  # stage whose final checkpoint proposes the regions, or a COCO results JSON ("" = none)
-    k: int = 5  # regions kept per image after class-agnostic NMS
+    dataset: str = ""  # whose images ("" = the first stage's data.train); other sources must share its image ids
+    k: int = 5  # regions kept per image after class-agnostic NMS (distillation reads the first num_regions)
     nms_thresh: float = 0.5  # class-agnostic NMS IoU
     batch_size: int = 256  # crops per CLIP forward pass
+
+
+@dataclass(frozen=True)
+class PseudoLabelsCfg:
+    """Pseudo boxes for image-level labels (PIS, METHOD §4.2), scored by CLIP on the stored regions."""
+
+    dataset: str = ""  # image-label dataset (caption tags) to pseudo-label ("" = no PIS step)
+    name: str = ""  # catalog name the pseudo-labelled dataset is registered under (the recipes' sources use it)
+    score: str = "softmax"  # how a region is scored for a label: softmax (over the vocabulary) | cosine
+    threshold: float = 0.3  # a label keeps its best region only when that region's score exceeds this
 
 
 @dataclass(frozen=True)
 class PipelineCfg:
     stages: list[StageCfg] = field(default_factory=list)  # detector stages, in order
     regions: RegionsCfg = field(default_factory=RegionsCfg)  # the store read by stages with distillation
+    pseudo_labels: PseudoLabelsCfg = field(default_factory=PseudoLabelsCfg)  # read by stages with "pseudo" sources
     teacher: bool = False  # train the OV-Shapes CLIP teacher first when it is missing
     demo_images: int = 4  # validation images the final model is demonstrated on (0 = no demo)
     demo_confidence: float = 0.3  # score threshold of the demo drawings
@@ -65,6 +77,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
         raise OVDError(f"malformed YAML: {e}", path=path) from e
     _check_keys(data, PipelineCfg, "", str(path))
     _check_keys(data.get("regions") or {}, RegionsCfg, "regions.", str(path))
+    _check_keys(data.get("pseudo_labels") or {}, PseudoLabelsCfg, "pseudo_labels.", str(path))
     for i, stage in enumerate(data.get("stages") or []):
         _check_keys(stage, StageCfg, f"stages[{i}].", str(path))
     try:
@@ -77,14 +90,15 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
     return cfg
 
 
-def stage_config(pipeline_file: Path, stage: StageCfg, output_dir: Path, extra: list[str]) -> Config:
+def stage_config(pipeline_file: Path, stage: StageCfg, output_dir: Path, extra: list[str], store: Path) -> Config:
     """The recipe of ``stage`` with ``init_stage`` resolved into ``init_weights`` and, for a
-    distillation recipe without its own store, the pipeline's region store."""
+    distillation recipe, the pipeline's region ``store`` wherever the recipe names none."""
     cfg = load_config(pipeline_file.parent / stage.config, [*stage.overrides, *extra])
     if cfg.init_stage:
         cfg = replace(cfg, init_weights=str(output_dir / cfg.init_stage / "model_final.pth"))
-    if cfg.model.distill.enabled and not cfg.data.region_store:
-        cfg = replace(cfg, data=replace(cfg.data, region_store=str(regions_path(output_dir, cfg.data.train))))
+    if cfg.model.distill.enabled:
+        sources = [s if s.region_store else replace(s, region_store=str(store)) for s in cfg.data.sources]
+        cfg = replace(cfg, data=replace(cfg.data, region_store=cfg.data.region_store or str(store), sources=sources))
     return cfg
 
 
@@ -92,35 +106,82 @@ def regions_path(output_dir: Path, dataset: str) -> Path:
     return output_dir / "regions" / dataset
 
 
-def ensure_regions(pipe: PipelineCfg, cfg: Config, output_dir: Path) -> Path:
-    """Extract (or finish extracting) the region store of ``cfg.data.train`` for ``cfg``'s CLIP."""
+def _stage_datasets(cfg: Config) -> list[str]:
+    train = [s.dataset for s in cfg.data.sources] if cfg.data.sources else [cfg.data.train]
+    return [*train, *([cfg.data.test] if cfg.data.test else [])]
+
+
+def _uses_pseudo_labels(cfg: Config, name: str) -> bool:
+    return any(s.dataset == name for s in cfg.data.sources)
+
+
+def ensure_regions(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path, dataset: str) -> Path:
+    """Extract (or finish extracting) the region ``store`` of ``dataset`` with ``cfg``'s CLIP."""
     from ovd.clip import create_clip
     from ovd.data.coco import load_dataset
     from ovd.distill.extract import extract_region_embeddings
     from ovd.distill.proposals import build_proposal_source
     from ovd.distill.store import store_is_complete
 
-    path = Path(cfg.data.region_store)
-    if store_is_complete(path):
-        return path
+    if store_is_complete(store):
+        return store
     r = pipe.regions
     if not r.proposals:
         raise OVDError("a stage distils regions but the pipeline names no proposal source", field="regions.proposals")
     spec = output_dir / r.proposals / "model_final.pth" if not r.proposals.endswith(".json") else Path(r.proposals)
     source = build_proposal_source(spec, min_size=cfg.input.min_size_test, max_size=cfg.input.max_size_test)
     clip = create_clip(cfg.clip.model, cfg.clip.pretrained or None)
-    logger.info("extracting %d regions per image of %s with %s", r.k, cfg.data.train, spec)
+    logger.info("extracting %d regions per image of %s with %s", r.k, dataset, spec)
     return extract_region_embeddings(
-        load_dataset(get_dataset(cfg.data.train)),
+        load_dataset(get_dataset(dataset)),
         source,
         clip,
-        path,
+        store,
         k=r.k,
         nms_thresh=r.nms_thresh,
         batch_size=r.batch_size,
         num_workers=cfg.data.num_workers,
-        dataset_name=cfg.data.train,
+        dataset_name=dataset,
     )
+
+
+def pseudo_labels_path(output_dir: Path, name: str) -> Path:
+    return output_dir / "pseudo_labels" / f"{name}.json"
+
+
+def register_pseudo_dataset(pipe: PipelineCfg, output_dir: Path) -> None:
+    """Register ``pseudo_labels.name``: the images of ``pseudo_labels.dataset`` with the pipeline's
+    pseudo-label file (written later by :func:`ensure_pseudo_labels`)."""
+    from ovd.data.catalog import register_dataset
+
+    p = pipe.pseudo_labels
+    if not p.dataset:
+        return
+    if not p.name:
+        raise OVDError("pseudo_labels.dataset is set but pseudo_labels.name is empty", field="pseudo_labels.name")
+    source = get_dataset(p.dataset)
+    path = pseudo_labels_path(output_dir, p.name)
+    register_dataset(
+        replace(source, name=p.name, ann_file=str(path.resolve()), ann_type="pseudo", prepare=None), overwrite=True
+    )
+
+
+def ensure_pseudo_labels(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path) -> Path:
+    """Write the pseudo boxes of ``pseudo_labels.dataset`` from the region ``store`` (once)."""
+    from ovd.pis.pseudo_labels import ClipScoredProposals, generate_pseudo_labels
+
+    p = pipe.pseudo_labels
+    path = pseudo_labels_path(output_dir, p.name)
+    if path.is_file():
+        return path
+    info = get_dataset(p.dataset)
+    from ovd.engine.vocabulary import class_embeddings
+
+    emb = class_embeddings(cfg.clip, info.class_names, output_dir / "pseudo_labels")
+    source = ClipScoredProposals(store, emb, score=p.score, threshold=p.threshold)
+    logger.info("pseudo-labelling %s from %s (%s > %g)", p.dataset, store, p.score, p.threshold)
+    generate_pseudo_labels(info, source, path)
+    return path
 
 
 def is_finished(stage_dir: Path) -> bool:
@@ -147,14 +208,18 @@ def run_pipeline(
     pipeline_file = Path(pipeline_file)
     out = Path(output_dir)
     pipe = load_pipeline(pipeline_file)
-    configs = [stage_config(pipeline_file, s, out, overrides or []) for s in pipe.stages]
+    register_pseudo_dataset(pipe, out)
+    first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
+    regions_dataset = pipe.regions.dataset or first.data.train
+    store = regions_path(out, regions_dataset)
+    configs = [stage_config(pipeline_file, s, out, overrides or [], store) for s in pipe.stages]
     known = {s.name for s in pipe.stages}
     for stage, cfg in zip(pipe.stages, configs, strict=True):
         if cfg.init_stage and cfg.init_stage not in known:
             raise OVDError(
                 f"init_stage {cfg.init_stage!r} is not a stage of this pipeline", field=f"{stage.name}.init_stage"
             )
-    for name in {c.data.train for c in configs} | {c.data.test for c in configs if c.data.test}:
+    for name in {d for c in configs for d in _stage_datasets(c)} - {pipe.pseudo_labels.name}:
         get_dataset(name)  # generates the built-in synthetic data on first use
     if pipe.teacher:
         from ovd.clip.teacher import ensure_teacher
@@ -169,8 +234,14 @@ def run_pipeline(
 
             metrics = read_json(stage_dir / "eval" / "metrics.json")
         else:
-            if cfg.model.distill.enabled:
-                ensure_regions(pipe, cfg, out)
+            pseudo = bool(pipe.pseudo_labels.dataset) and _uses_pseudo_labels(cfg, pipe.pseudo_labels.name)
+            # a recipe may name its own store (e.g. under $OVD_DATASETS); the pipeline fills it there
+            named = (cfg.data.sources[0].region_store if cfg.data.sources else cfg.data.region_store) or None
+            stage_store = Path(named) if cfg.model.distill.enabled and named else store
+            if cfg.model.distill.enabled or pseudo:
+                ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
+            if pseudo:
+                ensure_pseudo_labels(pipe, cfg, stage_store, out)
             logger.info("stage %s: training %s", stage.name, stage.config)
             metrics = train(cfg, stage_dir, resume=True)
         rows.append({"stage": stage.name, **{k: metrics.get(k) for k in METRIC_KEYS}})

@@ -36,13 +36,22 @@ def _env(tmp_path_factory, monkeypatch):
     torch.set_num_threads(2)
 
 
+SOURCES = (
+    "data.sources=[{dataset: ovshapes_small_train, batch_size: 1, ratio: 1},"
+    " {dataset: ovshapes_small_pseudo, supervision: pseudo, batch_size: 2, ratio: 4, min_size: [96], max_size: 160}]"
+)
+
+
 def _pipeline_file(tmp_path: Path) -> Path:
     spec = {
         "stages": [
             {"name": "base", "config": str(REPO / "configs/ovshapes/base.yaml"), "overrides": FAST},
             {"name": "rkd", "config": str(REPO / "configs/ovshapes/rkd.yaml"), "overrides": FAST},
+            {"name": "pis", "config": str(REPO / "configs/ovshapes/pis.yaml"), "overrides": [*FAST, SOURCES]},
+            {"name": "wt", "config": str(REPO / "configs/ovshapes/rkd_pis_wt.yaml"), "overrides": [*FAST, SOURCES]},
         ],
         "regions": {"proposals": "base", "k": 3},
+        "pseudo_labels": {"dataset": "ovshapes_small_captions", "name": "ovshapes_small_pseudo", "threshold": 0.0},
         "demo_images": 1,
     }
     path = tmp_path / "pipeline.yaml"
@@ -68,8 +77,14 @@ def test_pipeline_runs_and_resumes(tmp_path, monkeypatch):
     assert (out / "base" / "eval" / "metrics.json").is_file()
     assert (out / "regions" / "ovshapes_small_train" / "meta.json").is_file()  # complete region store
     result = run_pipeline(pipe, out)
-    assert calls == ["base", "rkd", "rkd"]  # base was not trained again
-    assert [r["stage"] for r in result["stages"]] == ["base", "rkd"]
+    assert calls == ["base", "rkd", "rkd", "pis", "wt"]  # base was not trained again
+    assert [r["stage"] for r in result["stages"]] == ["base", "rkd", "pis", "wt"]
+    pseudo = json.loads((out / "pseudo_labels" / "ovshapes_small_pseudo.json").read_text())
+    assert pseudo["annotations"] and all(len(a["bbox"]) == 4 for a in pseudo["annotations"])
+    wt = torch.load(out / "wt" / "model_final.pth", weights_only=False)["model"]
+    rkd_state = torch.load(out / "rkd" / "model_final.pth", weights_only=False)["model"]
+    key = "roi_heads.classifier.linear.weight"
+    assert torch.equal(wt[key], rkd_state[key])  # weight transfer starts from RKD and keeps its projection
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["stages"] == result["stages"]
     rkd = json.loads((out / "rkd" / "eval" / "metrics.json").read_text())

@@ -38,7 +38,7 @@ from ovd.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
-ANN_TYPES = ("box", "image")
+ANN_TYPES = ("box", "image", "pseudo")
 
 
 def _is_number(x: Any) -> bool:
@@ -287,6 +287,38 @@ def _read_boxes(
     return np.split(xyxy[order], splits), np.split(flat.labels[order], splits)
 
 
+def _check_segmentation(segm: Any, img: Mapping[str, Any], field: str, chk: _Checker) -> dict | list:
+    """A COCO ``segmentation``: an RLE dict of the image's size, or a list of polygons."""
+    if isinstance(segm, Mapping):
+        size, counts = segm.get("size"), segm.get("counts")
+        if not isinstance(size, list) or len(size) != 2 or not isinstance(counts, (str, list)):
+            raise chk.fail(field, "expected an RLE {'size': [h, w], 'counts': ...} or a list of polygons")
+        if list(size) != [img["height"], img["width"]]:
+            raise chk.fail(f"{field}.size", f"RLE size {size} differs from the image's {[img['height'], img['width']]}")
+        return dict(segm)
+    if isinstance(segm, list) and segm:
+        for j, poly in enumerate(segm):
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_is_number(v) for v in poly):
+                raise chk.fail(f"{field}[{j}]", "expected a polygon [x1, y1, x2, y2, ...] of at least 3 points")
+        return segm
+    raise chk.fail(field, "expected an RLE {'size': [h, w], 'counts': ...} or a non-empty list of polygons")
+
+
+def _read_segmentations(
+    data: Mapping[str, Any], images: list[dict[str, Any]], position: Mapping[int, int], chk: _Checker
+) -> list[list[dict | list]]:
+    """Per image: the ``segmentation`` of each non-crowd annotation, aligned with :func:`_read_boxes`."""
+    out: list[list[dict | list]] = [[] for _ in images]
+    for i, ann in enumerate(data["annotations"]):  # already checked by _read_boxes
+        if ann.get("iscrowd", 0):
+            continue
+        if "segmentation" not in ann:
+            raise chk.fail(f"annotations[{i}]", "missing key 'segmentation' (masks were requested)")
+        pos = position[ann["image_id"]]
+        out[pos].append(_check_segmentation(ann["segmentation"], images[pos], f"annotations[{i}].segmentation", chk))
+    return out
+
+
 def _read_pos_labels(
     raw_images: list[Any],
     vocab: Mapping[int, int],
@@ -312,6 +344,7 @@ def load_coco_json(
     *,
     ann_type: str = "box",
     filter_empty: bool = False,
+    with_masks: bool = False,
 ) -> list[ImageRecord]:
     """Read a COCO-format JSON into image records.
 
@@ -321,10 +354,15 @@ def load_coco_json(
             absolute under it.
         category_ids: the vocabulary: dataset category id of each contiguous id (``C`` ids). Every
             id in the file's ``categories`` must be in it.
-        ann_type: ``"box"`` (read ``annotations[*].bbox``) or ``"image"`` (read
-            ``images[*].pos_category_ids``; images with none are dropped).
+        ann_type: ``"box"`` (read ``annotations[*].bbox``), ``"image"`` (read
+            ``images[*].pos_category_ids``; images with none are dropped) or ``"pseudo"`` (both: the
+            image-level labels and one pseudo box per label that got one, from
+            ``tools/generate_pseudo_labels.py``; images without labels are dropped).
         filter_empty: for ``"box"``, drop images with no (non-crowd) box. Off by default: images
             without base annotations stay in the training set (METHOD §1.5).
+        with_masks: for ``"box"``, also read each annotation's ``segmentation`` (RLE or polygons) into
+            :attr:`ImageRecord.masks`; every non-crowd annotation must have one. Off by default
+            (``masks`` stays ``None`` and nothing more is parsed).
 
     Returns:
         One :class:`ImageRecord` per kept image, in the order of ``images``. ``boxes`` are
@@ -348,7 +386,8 @@ def load_coco_json(
     records: list[ImageRecord] = []
     if ann_type == "box":
         boxes, labels = _read_boxes(data, images, position, vocab, file_cats, chk)
-        for img, b, lab in zip(images, boxes, labels, strict=True):
+        segms: list[Any] = _read_segmentations(data, images, position, chk) if with_masks else [None] * len(images)
+        for img, b, lab, segm in zip(images, boxes, labels, segms, strict=True):
             if filter_empty and not len(b):
                 continue
             records.append(
@@ -357,26 +396,49 @@ def load_coco_json(
                     boxes=b,
                     labels=lab,
                     ann_type="box",
+                    masks=segm,
                 )
             )
     else:
         pos = _read_pos_labels(data["images"], vocab, file_cats, chk)
-        for img, p in zip(images, pos, strict=True):
+        if ann_type == "pseudo":
+            boxes, labels = _read_boxes(data, images, position, vocab, file_cats, chk)
+        else:
+            boxes = [np.zeros((0, 4), dtype=np.float32)] * len(images)
+            labels = [np.zeros((0,), dtype=np.int64)] * len(images)
+        for img, p, b, lab in zip(images, pos, boxes, labels, strict=True):
             if not p:
                 continue
-            records.append(ImageRecord(**img, pos_labels=np.asarray(p, dtype=np.int64), ann_type="image"))
+            extra = set(lab.tolist()) - set(p)
+            if extra:
+                raise chk.fail(f"images[id={img['image_id']}]", f"pseudo boxes of classes {sorted(extra)} that are "
+                               "not among its pos_category_ids")  # fmt: skip
+            records.append(
+                ImageRecord(**img, boxes=b, labels=lab, pos_labels=np.asarray(p, dtype=np.int64), ann_type=ann_type)
+            )
     logger.info("loaded %d %s-annotated images from %s", len(records), ann_type, path)
     return records
 
 
-def load_dataset(info: DatasetInfo, *, filter_empty: bool = False) -> list[ImageRecord]:
-    """Records of a catalog dataset (see :func:`load_coco_json`)."""
+MASKS_KEY = "masks"
+"""``DatasetInfo.extra[MASKS_KEY] == "true"``: the dataset's records carry instance masks (for Mask R-CNN)."""
+
+
+def load_dataset(info: DatasetInfo, *, filter_empty: bool = False, with_masks: bool | None = None) -> list[ImageRecord]:
+    """Records of a catalog dataset (see :func:`load_coco_json`).
+
+    ``with_masks=None`` reads masks when the catalog entry says its annotations have them
+    (``info.extra["masks"] == "true"``).
+    """
+    if with_masks is None:
+        with_masks = info.extra.get(MASKS_KEY) == "true"
     return load_coco_json(
         info.ann_file_path,
         info.image_root_path,
         info.category_ids,
         ann_type=info.ann_type,
         filter_empty=filter_empty,
+        with_masks=with_masks and info.ann_type == "box",
     )
 
 

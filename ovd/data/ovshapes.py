@@ -948,6 +948,17 @@ def _prepare(preset_name: str, info: DatasetInfo) -> None:
     generate_ovshapes(datasets_root(), preset_name, seed=0)
 
 
+def _prepare_tags(preset_name: str, info: DatasetInfo) -> None:
+    """Write the caption tags of the training images (generating the world first when missing)."""
+    from ovd.data.captions import tag_captions
+
+    captions = info.resolve(info.extra["captions"])
+    if not captions.is_file():
+        generate_ovshapes(datasets_root(), preset_name, seed=0)
+    train = read_json(info.resolve(info.extra["captions"]).parent / "train.json")
+    write_json(info.ann_file_path, tag_captions(read_json(captions), train["categories"], path=str(captions)))
+
+
 def register_ovshapes() -> None:
     """Register ``ovshapes_{train,val}`` (default preset) and ``ovshapes_small_{train,val}``.
 
@@ -977,3 +988,16 @@ def register_ovshapes() -> None:
                 **common,
             )
             register_dataset(info, overwrite=True)
+        # the caption tags of the training images: image-level labels of all classes (PIS, METHOD §4.1)
+        register_dataset(
+            DatasetInfo(
+                name=f"{prefix}_captions",
+                image_root=f"{folder}/train",
+                ann_file=f"{folder}/annotations/captions_train_tags.json",
+                ann_type="image",
+                prepare=functools.partial(_prepare_tags, preset),
+                extra={"preset": preset, "captions": f"{folder}/annotations/captions_train.json"},
+                **common,
+            ),
+            overwrite=True,
+        )

@@ -38,7 +38,7 @@ from ovd.structures import ImageRecord
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-_TARGET_KEYS = ("boxes", "labels", "pos_labels", "distill_boxes", "distill_embeddings")
+_TARGET_KEYS = ("boxes", "labels", "pos_labels", "masks", "distill_boxes", "distill_embeddings")
 
 
 def _region_store(path: str, dataset: str, records: list, field: str) -> Any:
@@ -404,9 +404,13 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: str | os.PathLike
     dist.init_distributed(device)
     out = Path(output_dir)
     info = get_dataset(cfg.data.test)
-    emb = class_embeddings(cfg.clip, info.class_names, out)
-    model = build_model(cfg, class_embeddings=emb)
     state = load_checkpoint(weights)
+    vocab = state.get("vocabulary") or {}
+    if list(vocab.get("class_names", [])) == list(info.class_names):
+        emb = vocab["embeddings"]  # the vocabulary the model was trained with: no text encoder needed
+    else:
+        emb = class_embeddings(cfg.clip, info.class_names, out)
+    model = build_model(cfg, class_embeddings=emb)
     load_model_state(model, state["model"], source=weights)
     model.to(device)
     return evaluate(model, info, cfg, out / "eval")
