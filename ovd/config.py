@@ -146,6 +146,17 @@ class ImageLabelCfg:
 
 
 @dataclass(frozen=True)
+class MaskHeadCfg:
+    """Class-agnostic mask head of Mask R-CNN (METHOD §1.4, FPN backbones only)."""
+
+    enabled: bool = False  # add the mask head: mask loss on box-supervised batches, masks at inference
+    pooler_resolution: int = 14  # RoIAlign output size; the predicted masks are twice as large (28)
+    num_conv: int = 4  # 3x3 conv + ReLU layers before the 2x deconvolution
+    conv_dim: int = 256  # channels of those convs and of the deconvolution
+    loss_weight: float = 1.0  # multiplies the per-pixel mask BCE
+
+
+@dataclass(frozen=True)
 class ModelCfg:
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
     rpn: RPNCfg = field(default_factory=RPNCfg)
@@ -153,6 +164,7 @@ class ModelCfg:
     classifier: ClassifierCfg = field(default_factory=ClassifierCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
     image_label: ImageLabelCfg = field(default_factory=ImageLabelCfg)
+    mask: MaskHeadCfg = field(default_factory=MaskHeadCfg)
     # RGB pixel statistics on a 0–255 scale (torchvision ImageNet weights).
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])

@@ -41,6 +41,8 @@ class ImageRecord:
         pos_labels: ``int64[L]`` contiguous ids of image-level labels (captions / ImageNet tags);
             empty for box-annotated data.
         ann_type: ``"box"`` (box supervision) or ``"image"`` (image-level labels only).
+        masks: instance masks aligned with ``boxes``, as the COCO ``segmentation`` of each box (an RLE
+            dict or a list of polygons, original-image pixels), or ``None`` when not loaded.
     """
 
     image_id: int
@@ -51,6 +53,7 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=_empty_labels)
     pos_labels: np.ndarray = field(default_factory=_empty_labels)
     ann_type: str = "box"
+    masks: list[dict | list] | None = None
 
 
 @dataclass
@@ -62,25 +65,30 @@ class Detections:
             the original image once :meth:`scale` was applied).
         scores: ``Tensor[N]`` in ``[0, 1]``.
         labels: ``Tensor[N]`` contiguous class ids into the current vocabulary.
+        masks: ``Tensor[N, 1, M, M]`` mask probabilities inside each box (a Mask R-CNN's output; they
+            follow their box, so :meth:`scale` keeps them), or ``None`` for a box-only detector.
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
     def __getitem__(self, index: Tensor | slice) -> Detections:
-        return Detections(self.boxes[index], self.scores[index], self.labels[index])
+        masks = None if self.masks is None else self.masks[index]
+        return Detections(self.boxes[index], self.scores[index], self.labels[index], masks)
 
     def to(self, device: torch.device | str) -> Detections:
-        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+        masks = None if self.masks is None else self.masks.to(device)
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), masks)
 
     def scale(self, sx: float, sy: float) -> Detections:
-        """Return detections with boxes multiplied by ``(sx, sy, sx, sy)``."""
+        """Return detections with boxes multiplied by ``(sx, sy, sx, sy)`` (box-relative masks unchanged)."""
         factor = self.boxes.new_tensor([sx, sy, sx, sy])
-        return Detections(self.boxes * factor, self.scores, self.labels)
+        return Detections(self.boxes * factor, self.scores, self.labels, self.masks)
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> Detections:

@@ -76,8 +76,14 @@ def register_coco() -> None:
 def register_all() -> None:
     """Register every built-in dataset (called once by the catalog)."""
     register_coco()
+    from ovd.data.lvis import register_lvis
+
+    register_lvis()
     try:
         from ovd.data import ovshapes
     except ImportError:  # pragma: no cover - during development only
         return
     ovshapes.register_ovshapes()
+    from ovd.data.ovshapes_lt import register_ovshapes_lt
+
+    register_ovshapes_lt()

@@ -31,9 +31,10 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import cv2
 import numpy as np
 import torch
+from pycocotools import mask as mask_util
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ovd.data.transforms import ResizeFlipAugmentation
+from ovd.data.transforms import ResizeFlipAugmentation, TransformParams
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
 
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 # Boxes narrower or shorter than this (pixels, after resize/flip/clip) are dropped with their label.
 # detectron2's filter_empty_instances uses 1e-5; one pixel also removes slivers left by clipping.
 MIN_BOX_SIDE_PX = 1.0
+
+# A resized mask pixel (bilinear on 0/1) is object when its value reaches this (detectron2 pastes and
+# crops masks with the same 0.5 rule).
+MASK_BINARIZE_THRESHOLD = 0.5
 
 # Bucket keys of aspect grouping (detectron2 AspectRatioGroupedDataset: w > h vs. the rest; here a
 # square image counts as landscape, as the issue specifies ``width >= height``).
@@ -104,6 +109,8 @@ class DetectionDataset(Dataset):
     * ``image``: ``uint8 Tensor[3, H, W]`` RGB, transformed;
     * ``boxes``: ``float32 Tensor[N, 4]`` xyxy on the transformed image (degenerate boxes dropped);
     * ``labels``: ``int64 Tensor[N]``; ``pos_labels``: ``int64 Tensor[L]``;
+    * ``masks``: ``uint8 Tensor[N, H, W]`` instance masks of the kept boxes, transformed like the
+      image, only when the record has masks (:attr:`ImageRecord.masks`);
     * ``image_id`` (int), ``orig_size`` ``(h, w)``, ``params`` (:class:`TransformParams`),
       ``ann_type`` (str), ``file_name`` (str);
     * with ``regions``: ``distill_boxes`` ``float32 Tensor[K, 4]`` (the first ``num_regions`` stored
@@ -158,6 +165,8 @@ class DetectionDataset(Dataset):
             "ann_type": rec.ann_type,
             "file_name": rec.file_name,
         }
+        if rec.masks is not None:
+            item["masks"] = torch.from_numpy(decode_masks(rec.masks, rec.height, rec.width, params, keep))
         if self.regions is not None:
             # stored CLIP regions follow exactly the image's geometric transform (METHOD §3.3)
             r_boxes, r_emb = self.regions.lookup(int(rec.image_id))
@@ -166,6 +175,37 @@ class DetectionDataset(Dataset):
             item["distill_boxes"] = torch.from_numpy(r_boxes[r_keep])
             item["distill_embeddings"] = torch.from_numpy(np.asarray(r_emb[: self.num_regions], np.float32)[r_keep])
         return item
+
+
+def decode_masks(
+    segmentations: Sequence[dict | list], height: int, width: int, params: TransformParams, keep: np.ndarray
+) -> np.ndarray:
+    """Decode COCO segmentations and transform them like the image.
+
+    Args:
+        segmentations: ``N`` RLE dicts or polygon lists in original-image pixels.
+        height, width: the original image size.
+        params: the image's sampled resize + flip.
+        keep: ``bool[N]``, the boxes kept (their masks are returned, in order).
+
+    Returns:
+        ``uint8[K, out_h, out_w]`` of zeros and ones, ``K = keep.sum()``: bilinear resize of each 0/1
+        mask, binarised at :data:`MASK_BINARIZE_THRESHOLD`, then the flip.
+    """
+    if len(segmentations) != len(keep):
+        raise OVDError(f"{len(segmentations)} masks for {len(keep)} boxes")
+    out = np.zeros((int(keep.sum()), params.out_h, params.out_w), dtype=np.uint8)
+    for j, i in enumerate(np.flatnonzero(keep)):
+        segm = segmentations[i]
+        if isinstance(segm, list):  # polygons → one RLE
+            rle = mask_util.merge(mask_util.frPyObjects(segm, height, width))
+        elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+            rle = mask_util.frPyObjects(segm, height, width)
+        else:
+            rle = {"size": segm["size"], "counts": segm["counts"]}
+        mask = mask_util.decode(rle).astype(np.float32)  # (H, W) of 0/1
+        out[j] = params.apply_image(mask) >= MASK_BINARIZE_THRESHOLD  # (out_h, out_w)
+    return out
 
 
 def _non_degenerate(boxes: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Run a detector over a dataset and score it with the OV-COCO metric."""
+"""Run a detector over a dataset and score it with the OV-COCO metric (boxes, and masks for Mask R-CNN)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_util
 from torch import nn
 from tqdm import tqdm
 
@@ -18,19 +20,50 @@ from ovd.data.loader import build_test_loader
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
 from ovd.evaluation.coco_ovd import evaluate_ovd, format_table, write_report
+from ovd.modeling.mask_head import paste_masks
+from ovd.structures import Detections
+from ovd.utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
+
+MASK_THRESHOLD = 0.5
+"""A pasted mask probability ≥ this is object (detectron2 and torchvision Mask R-CNN)."""
+PASTE_CHUNK = 64
+"""Detections pasted into the image at once: bounds memory to ``PASTE_CHUNK × H × W`` floats."""
 
 
 def test_augmentation(cfg: Config) -> ResizeFlipAugmentation:
     return ResizeFlipAugmentation((cfg.input.min_size_test,), cfg.input.max_size_test, flip_prob=0.0)
 
 
+def encode_masks(det: Detections, boxes: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Compressed COCO RLEs of a Mask R-CNN's detections, pasted into the original image.
+
+    Args:
+        det: detections with ``masks`` ``Tensor[N, 1, M, M]`` (box-relative probabilities).
+        boxes: ``Tensor[N, 4]`` the same boxes in original-image pixels.
+        image_size: ``(H, W)`` of the original image.
+
+    Returns:
+        ``N`` dicts ``{"size": [H, W], "counts": str}``: the pasted masks at :data:`MASK_THRESHOLD`.
+    """
+    assert det.masks is not None
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(det), PASTE_CHUNK):
+        chunk = slice(start, start + PASTE_CHUNK)
+        pasted = paste_masks(det.masks[chunk], boxes[chunk].to(det.masks.device), image_size)  # (n, H, W)
+        binary = (pasted >= MASK_THRESHOLD).to(torch.uint8).cpu().numpy()  # (n, H, W)
+        for rle in mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0))):
+            out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return out
+
+
 @torch.no_grad()
 def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progress: bool = True) -> list[dict[str, Any]]:
     """Detections on every image of ``info`` as COCO results (original-image ``xywh``, dataset
-    category ids), gathered from all ranks."""
-    records = load_dataset(info)
+    category ids, and a compressed-RLE ``segmentation`` when the model predicts masks), gathered from
+    all ranks."""
+    records = load_dataset(info, with_masks=False)  # ground-truth masks are not needed to predict
     loader = build_test_loader(
         records,
         test_augmentation(cfg),
@@ -49,15 +82,17 @@ def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progres
         for item, det in zip(batch, outputs, strict=True):
             boxes = torch.as_tensor(item["params"].inverse_boxes(det.boxes.float().cpu().numpy()))  # (N, 4)
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            for box, score, label in zip(xywh, det.scores.tolist(), det.labels.tolist(), strict=True):
-                results.append(
-                    {
-                        "image_id": int(item["image_id"]),
-                        "category_id": int(cat_ids[label]),
-                        "bbox": box,
-                        "score": score,
-                    }
-                )
+            segms = encode_masks(det, boxes, item["orig_size"]) if det.masks is not None else [None] * len(det)
+            for box, score, label, segm in zip(xywh, det.scores.tolist(), det.labels.tolist(), segms, strict=True):
+                result = {
+                    "image_id": int(item["image_id"]),
+                    "category_id": int(cat_ids[label]),
+                    "bbox": box,
+                    "score": score,
+                }
+                if segm is not None:
+                    result["segmentation"] = segm
+                results.append(result)
     model.train(was_training)
     gathered = dist.all_gather_objects(results)
     return [r for part in gathered for r in part]
@@ -96,21 +131,54 @@ def _fidelity(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: Path
     )
 
 
+def is_lvis_style(info: DatasetInfo, gt: dict[str, Any]) -> bool:
+    """Whether ``info`` is scored with the LVIS protocol (METHOD §6.4): the catalog says so
+    (``extra["format"] == "lvis"``) or every GT category has an LVIS ``frequency``."""
+    cats = gt.get("categories") or []
+    return info.extra.get("format") == "lvis" or (bool(cats) and all("frequency" in c for c in cats))
+
+
 def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Predict, score (novel / base / all AP50) and write ``metrics.json``, the per-class table and
-    the detections under ``output_dir`` (rank 0). Returns the metrics on every rank."""
+    """Predict, score and write ``metrics.json``, the per-class table and the detections under
+    ``output_dir`` (rank 0). Returns the metrics on every rank.
+
+    COCO-style datasets get the OV-COCO metric (novel / base / all AP50); LVIS-style ones
+    (:func:`is_lvis_style`) the federated LVIS metric with APr / APc / APf
+    (:func:`ovd.evaluation.lvis_eval.evaluate_lvis`, at most 300 detections per image). A model with a
+    mask head is also scored on masks: ``metrics["segm"]`` beside the box metrics (``metrics["bbox"]``
+    for LVIS, the top level for OV-COCO).
+    """
     detections = predict_dataset(model, info, cfg)
     metrics: dict[str, Any] = {}
     if dist.is_main_process():
-        metrics = evaluate_ovd(
-            info.ann_file_path,
-            detections,
-            base_category_ids=[info.category_ids[i] for i in info.base_classes],
-            novel_category_ids=[info.category_ids[i] for i in info.novel_classes],
-        )
-        metrics["dataset"] = info.name
-        if cfg.test.region_fidelity:
-            metrics |= _fidelity(model, info, cfg, Path(output_dir))
-        path = write_report(metrics, Path(output_dir), detections=detections)
-        logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_table(metrics), path)
+        out = Path(output_dir)
+        gt = read_json(info.ann_file_path)
+        segm = getattr(model.roi_heads, "mask_head", None) is not None  # a Mask R-CNN: mask AP too
+        if segm and not all("segmentation" in a for a in gt.get("annotations", [])):
+            logger.warning("%s has annotations without a segmentation: mask AP is not computed", info.name)
+            segm = False
+        if is_lvis_style(info, gt):
+            from ovd.evaluation.lvis_eval import evaluate_lvis, format_lvis_table, write_lvis_report
+
+            metrics = evaluate_lvis(gt, detections, ("bbox", "segm") if segm else ("bbox",))
+            metrics["dataset"] = info.name
+            if cfg.test.region_fidelity:
+                metrics |= _fidelity(model, info, cfg, out)
+            path = write_lvis_report(metrics, out)
+            write_json(out / "detections.json", detections, indent=None)
+            logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_lvis_table(metrics), path)
+        else:
+            split = dict(
+                base_category_ids=[info.category_ids[i] for i in info.base_classes],
+                novel_category_ids=[info.category_ids[i] for i in info.novel_classes],
+            )
+            metrics = evaluate_ovd(gt, detections, **split)
+            if segm:
+                masks = evaluate_ovd(gt, detections, iou_type="segm", **split)
+                metrics["segm"] = {k: v for k, v in masks.items() if k not in ("backend", "num_images")}
+            metrics["dataset"] = info.name
+            if cfg.test.region_fidelity:
+                metrics |= _fidelity(model, info, cfg, out)
+            path = write_report(metrics, out, detections=detections)
+            logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_table(metrics), path)
     return dist.all_gather_objects(metrics)[0]

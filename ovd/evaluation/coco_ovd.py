@@ -145,10 +145,23 @@ def _load_gt(gt: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, 
     return dataset, path
 
 
+def _segmentation(value: Any, *, field: str) -> dict[str, Any]:
+    """Check a result's compressed-RLE ``segmentation`` (``{"size": [h, w], "counts": str}``)."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("counts"), (str, bytes)):
+        raise OVDError("segmentation must be a compressed RLE {'size': [h, w], 'counts': str}", field=field)
+    size = value.get("size")
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+        raise OVDError(f"segmentation size must be [h, w], got {size!r}", field=f"{field}.size")
+    counts = value["counts"]
+    return {"size": [int(v) for v in size], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
 def _normalize_detection(
     i: int, det: Any, image_ids: set[int] | None = None, cat_ids: set[int] | None = None
 ) -> dict[str, Any]:
-    """Check one COCO result record (against the GT ids, if given); return it with plain values."""
+    """Check one COCO result record (against the GT ids, if given); return it with plain values.
+
+    A ``segmentation`` (compressed RLE, from a Mask R-CNN) is checked and kept when present."""
     where = f"detections[{i}]"
     image_id = _require(det, "image_id", field=where, path=None)
     category_id = _require(det, "category_id", field=where, path=None)
@@ -162,7 +175,10 @@ def _normalize_detection(
     if not _is_real(score):
         raise OVDError(f"score must be a finite number, got {score!r}", field=f"{where}.score")
     box = _box(_require(det, "bbox", field=where, path=None), field=f"{where}.bbox", path=None)
-    return {"image_id": int(image_id), "category_id": int(category_id), "bbox": box, "score": float(score)}
+    out = {"image_id": int(image_id), "category_id": int(category_id), "bbox": box, "score": float(score)}
+    if "segmentation" in det:
+        out["segmentation"] = _segmentation(det["segmentation"], field=f"{where}.segmentation")
+    return out
 
 
 def _normalize_detections(
@@ -207,20 +223,27 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """A ``print_function`` for faster-coco-eval that prints nothing."""
 
 
-def _run_faster(dataset: dict[str, Any], dets: list[dict[str, Any]], max_dets: int) -> tuple[Precision, Any]:
+IOU_TYPES = ("bbox", "segm")  # box or mask IoU (segm needs a ``segmentation`` in every GT and detection)
+
+
+def _run_faster(
+    dataset: dict[str, Any], dets: list[dict[str, Any]], max_dets: int, iou_type: str = "bbox"
+) -> tuple[Precision, Any]:
     from faster_coco_eval import COCO, COCOeval_faster
 
     with _quiet():
         coco_gt = COCO(dataset, print_function=_silent)
         coco_dt = coco_gt.loadRes(dets)  # handles an empty list
-        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=_silent)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=_silent)
         evaluator.params.maxDets = [max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
     return np.asarray(evaluator.eval["precision"]), evaluator.params
 
 
-def _run_pycocotools(dataset: dict[str, Any], dets: list[dict[str, Any]], max_dets: int) -> tuple[Precision, Any]:
+def _run_pycocotools(
+    dataset: dict[str, Any], dets: list[dict[str, Any]], max_dets: int, iou_type: str = "bbox"
+) -> tuple[Precision, Any]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -238,14 +261,14 @@ def _run_pycocotools(dataset: dict[str, Any], dets: list[dict[str, Any]], max_de
                 "annotations": [],
             }
             coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.params.maxDets = [max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
     return np.asarray(evaluator.eval["precision"]), evaluator.params
 
 
-_BACKENDS: dict[str, Callable[[dict[str, Any], list[dict[str, Any]], int], tuple[Precision, Any]]] = {
+_BACKENDS: dict[str, Callable[[dict[str, Any], list[dict[str, Any]], int, str], tuple[Precision, Any]]] = {
     "faster": _run_faster,
     "pycocotools": _run_pycocotools,
 }
@@ -275,8 +298,9 @@ def evaluate_ovd(
     novel_category_ids: Sequence[int],
     backend: Literal["faster", "pycocotools"] = "faster",
     max_dets: int = 100,
+    iou_type: Literal["bbox", "segm"] = "bbox",
 ) -> dict[str, Any]:
-    """Evaluate COCO-format box detections with the OV-COCO base / novel split.
+    """Evaluate COCO-format box (or mask) detections with the OV-COCO base / novel split.
 
     Args:
         gt: a COCO-format ground-truth JSON path, or the loaded dict (left unmodified).
@@ -287,6 +311,8 @@ def evaluate_ovd(
             GT categories in neither list are reported with split ``"other"``.
         backend: ``"faster"`` (faster-coco-eval) or ``"pycocotools"`` (the reference); same numbers.
         max_dets: detections kept per image (highest scores first), COCO's ``maxDets``.
+        iou_type: ``"bbox"`` or ``"segm"`` (mask IoU: every detection and GT annotation needs a
+            ``segmentation``; area ranges use the GT ``area``).
 
     Returns:
         A JSON-serialisable dict, numbers in percent (0-100), ``None`` where undefined (no GT):
@@ -305,6 +331,8 @@ def evaluate_ovd(
         raise OVDError(f"unknown backend {backend!r}; valid: {sorted(_BACKENDS)}", field="backend")
     if not _is_int(max_dets) or max_dets < 1:
         raise OVDError(f"must be a positive integer, got {max_dets!r}", field="max_dets")
+    if iou_type not in IOU_TYPES:
+        raise OVDError(f"unknown iou_type {iou_type!r}; valid: {list(IOU_TYPES)}", field="iou_type")
     dataset, path = _load_gt(gt)
     cat_ids = {cat["id"] for cat in dataset["categories"]}
     base = _check_split(base_category_ids, "base_category_ids", cat_ids, path)
@@ -313,8 +341,13 @@ def evaluate_ovd(
         if cat_id in base:
             raise OVDError(f"category id {cat_id} is both base and novel", field=f"novel_category_ids[{i}]")
     dets = _normalize_detections(detections, dataset)
+    if iou_type == "segm":
+        if any("segmentation" not in d for d in dets):
+            raise OVDError("iou_type 'segm' needs a segmentation in every detection", field="detections")
+        if any("segmentation" not in a for a in dataset["annotations"]):
+            raise OVDError("iou_type 'segm' needs a segmentation in every annotation", path=path, field="annotations")
 
-    precision, params = _BACKENDS[backend](dataset, dets, int(max_dets))  # (T, R, K, A, M)
+    precision, params = _BACKENDS[backend](dataset, dets, int(max_dets), iou_type)  # (T, R, K, A, M)
     iou_thrs = np.asarray(params.iouThrs)
     t50 = int(np.flatnonzero(np.isclose(iou_thrs, IOU_50))[0])
     t75 = int(np.flatnonzero(np.isclose(iou_thrs, IOU_75))[0])
@@ -358,6 +391,7 @@ def evaluate_ovd(
         "num_classes_with_gt": {"base": with_gt("base"), "novel": with_gt("novel"), "all": with_gt(None)},
         "backend": backend,
         "max_dets": int(max_dets),
+        "iou_type": iou_type,
         "per_class": per_class,
     }
     logger.info(

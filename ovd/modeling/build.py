@@ -11,6 +11,7 @@ from ovd.losses import zero_count_class_weight
 from ovd.modeling.backbone import C4_STRIDE, build_resnet50_c4, build_resnet_fpn, build_tiny_fpn
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.modeling.detector import OpenVocabDetector
+from ovd.modeling.mask_head import MaskHead
 from ovd.modeling.roi_heads import (
     AgnosticBoxRegressor,
     C4RegionFeatures,
@@ -68,6 +69,26 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
     return backbone, region, b.fpn_channels, r.fc_dim
 
 
+def _mask_head(cfg: Config) -> MaskHead | None:
+    """The class-agnostic mask head of ``model.mask`` (FPN backbones only), or ``None`` when disabled."""
+    mk, b = cfg.model.mask, cfg.model.backbone
+    if not mk.enabled:
+        return None
+    if b.name == "resnet50_c4":
+        raise OVDError(
+            "the mask head needs an FPN backbone (resnet50_fpn, resnet18_fpn or tiny_fpn), not resnet50_c4",
+            field="model.mask.enabled",
+        )
+    return MaskHead(
+        in_channels=b.fpn_channels,
+        resolution=mk.pooler_resolution,
+        sampling_ratio=cfg.model.roi_heads.pooler_sampling_ratio,
+        num_conv=mk.num_conv,
+        conv_dim=mk.conv_dim,
+        min_level=b.fpn_min_level,
+    )
+
+
 def build_model(
     cfg: Config, *, class_embeddings: Tensor, class_image_counts: Tensor | None = None
 ) -> OpenVocabDetector:
@@ -82,6 +103,7 @@ def build_model(
     m, c, r, d = cfg.model, cfg.model.classifier, cfg.model.roi_heads, cfg.model.distill
     torch.manual_seed(cfg.seed)
     backbone, region, channels, feat_dim = _backbone_and_region_features(cfg)
+    mask_head = _mask_head(cfg)
     if class_image_counts is not None and class_image_counts.shape[0] != class_embeddings.shape[0]:
         raise OVDError(f"{class_image_counts.shape[0]} class counts for {class_embeddings.shape[0]} class embeddings")
     class_weight = fed_freq = None
@@ -129,6 +151,8 @@ def build_model(
         distill_l1_weight=d.l1_weight * d.weight_scale if d.enabled else 0.0,
         distill_irm_weight=d.irm_weight * d.weight_scale if d.enabled else 0.0,
         image_label_weight=m.image_label.loss_weight,
+        mask_head=mask_head,
+        mask_loss_weight=m.mask.loss_weight,
     )
     p = m.rpn
     rpn = build_rpn(

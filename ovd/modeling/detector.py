@@ -103,7 +103,8 @@ class OpenVocabDetector(nn.Module):
         """The loss keys a training batch of ``supervision`` returns (see :meth:`forward`)."""
         distill = ("loss_distill_l1", "loss_irm") if self.distill_enabled else ()
         if supervision == "box":
-            return ("loss_objectness", "loss_rpn_box_reg", "loss_cls", "loss_box_reg", *distill)
+            mask = ("loss_mask",) if self.roi_heads.mask_head is not None else ()
+            return ("loss_objectness", "loss_rpn_box_reg", "loss_cls", "loss_box_reg", *mask, *distill)
         if supervision in ("pseudo", "image"):
             return ("loss_image_label", *distill)
         raise ValueError(f"unknown supervision {supervision!r}; expected box, pseudo or image")
@@ -116,8 +117,9 @@ class OpenVocabDetector(nn.Module):
     ) -> dict[str, Tensor] | list[Detections]:
         """Training: ``targets`` → dict of losses; inference: a list of :class:`Detections`.
 
-        Each target holds ``boxes`` float[N, 4] and ``labels`` int64[N], and for region distillation
-        ``distill_boxes`` float[K, 4] with ``distill_embeddings`` float[K, D].
+        Each target holds ``boxes`` float[N, 4] and ``labels`` int64[N], for a Mask R-CNN ``masks``
+        uint8[N, H, W] (box batches only), and for region distillation ``distill_boxes`` float[K, 4]
+        with ``distill_embeddings`` float[K, D].
 
         ``supervision`` says what the training batch's targets are (METHOD §4.4):
 

@@ -1,4 +1,5 @@
-"""Second stage: proposal sampling, region features, zero-shot classification, class-agnostic boxes.
+"""Second stage: proposal sampling, region features, zero-shot classification, class-agnostic boxes
+(and, for Mask R-CNN, class-agnostic masks: :mod:`ovd.modeling.mask_head`).
 
 Shape shorthand: ``B`` images, ``P_i`` proposals of image i, ``R`` sampled regions of the batch,
 ``D'`` region feature dim, ``C`` classes (background = ``C``).
@@ -27,6 +28,7 @@ from ovd.losses import (
     sigmoid_ce_loss,
 )
 from ovd.modeling.classifier import ZeroShotClassifier
+from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
 from ovd.structures import Detections
 
 # detectron2's clamp on predicted log-scale deltas (Box2BoxTransform._DEFAULT_SCALE_CLAMP).
@@ -104,6 +106,8 @@ class OpenVocabRoIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_image: inference.
         distill_l1_weight, distill_irm_weight: effective RKD loss weights (0 = off).
         image_label_weight: weight of the image-level losses of PIS (METHOD §4.4).
+        mask_head: the class-agnostic mask head of Mask R-CNN (METHOD §1.4), or ``None`` (box only).
+        mask_loss_weight: multiplies the mask loss.
     """
 
     def __init__(
@@ -130,6 +134,8 @@ class OpenVocabRoIHeads(nn.Module):
         distill_l1_weight: float = 0.0,
         distill_irm_weight: float = 0.0,
         image_label_weight: float = 0.0,
+        mask_head: MaskHead | None = None,
+        mask_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.region_features = region_features
@@ -151,6 +157,8 @@ class OpenVocabRoIHeads(nn.Module):
         self.distill_l1_weight = distill_l1_weight
         self.distill_irm_weight = distill_irm_weight
         self.image_label_weight = image_label_weight
+        self.mask_head = mask_head
+        self.mask_loss_weight = mask_loss_weight
 
     @property
     def num_classes(self) -> int:
@@ -160,22 +168,30 @@ class OpenVocabRoIHeads(nn.Module):
 
     @torch.no_grad()
     def sample_proposals(
-        self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        self,
+        proposals: list[Tensor],
+        gt_boxes: list[Tensor],
+        gt_labels: list[Tensor],
+        *,
+        with_gt_index: bool = False,
+    ) -> tuple[list[Tensor], ...]:
         """Match proposals to ground truth and sample a balanced set per image.
 
         Returns:
             per image: sampled boxes ``Tensor[S_i, 4]``, classes ``int64[S_i]`` in ``[0, C]`` and
-            matched ground-truth boxes ``Tensor[S_i, 4]`` (meaningful for foreground only).
+            matched ground-truth boxes ``Tensor[S_i, 4]`` (meaningful for foreground only); with
+            ``with_gt_index`` also the matched ground-truth index ``int64[S_i]`` (``-1`` = background),
+            which picks each foreground region's mask.
         """
         bg = self.num_classes
-        all_labels, all_matched = [], []
+        all_labels, all_matched, all_index = [], [], []
         if self.add_gt_as_proposals:
             proposals = [torch.cat([p, g.to(p.dtype)]) for p, g in zip(proposals, gt_boxes, strict=True)]
         for props, boxes, labels in zip(proposals, gt_boxes, gt_labels, strict=True):
             if boxes.numel() == 0:
                 all_labels.append(torch.full((props.shape[0],), bg, dtype=torch.int64, device=props.device))
                 all_matched.append(torch.zeros_like(props))
+                all_index.append(torch.full((props.shape[0],), -1, dtype=torch.int64, device=props.device))
                 continue
             iou = box_iou(boxes, props)  # (G, P_i)
             idx = self.matcher(iou)  # (P_i,) gt index, or BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS
@@ -184,15 +200,20 @@ class OpenVocabRoIHeads(nn.Module):
             cls[idx == self.matcher.BETWEEN_THRESHOLDS] = -1
             all_labels.append(cls)
             all_matched.append(boxes[idx.clamp(min=0)])
+            all_index.append(idx.clamp(min=-1))  # (P_i,) both negative codes become -1
         # the sampler wants 1 = positive, 0 = negative, -1 = ignore
         binary = [torch.where(c < 0, -1, (c < bg).long()) for c in all_labels]
         pos, neg = self.sampler(binary)
-        out_boxes, out_cls, out_matched = [], [], []
-        for props, cls, matched, p, n in zip(proposals, all_labels, all_matched, pos, neg, strict=True):
+        out_boxes, out_cls, out_matched, out_index = [], [], [], []
+        per_image = zip(proposals, all_labels, all_matched, all_index, pos, neg, strict=True)
+        for props, cls, matched, index, p, n in per_image:
             keep = torch.where(p | n)[0]  # (S_i,)
             out_boxes.append(props[keep])
             out_cls.append(cls[keep])
             out_matched.append(matched[keep])
+            out_index.append(torch.where(cls[keep] < bg, index[keep], -1))  # sampled classes are in [0, C]
+        if with_gt_index:
+            return out_boxes, out_cls, out_matched, out_index
         return out_boxes, out_cls, out_matched
 
     def losses(
@@ -300,6 +321,42 @@ class OpenVocabRoIHeads(nn.Module):
         index = torch.as_tensor(keep, device=logits.device)
         return {"loss_image_label": self.image_label_weight * max_size_loss(logits, multi_hot, index, len(proposals))}
 
+    def mask_losses(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        gt_index: list[Tensor],
+        gt_masks: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """Mask R-CNN's mask loss on the sampled foreground regions (METHOD §1.4).
+
+        Args:
+            boxes: per image the sampled regions ``Tensor[S_i, 4]``.
+            gt_index: per image ``int64[S_i]``, the matched ground truth of each region (``-1`` = background).
+            gt_masks: per image ``uint8[G_i, H_i, W_i]`` masks on the input image, aligned with its boxes.
+        """
+        if self.mask_head is None:
+            raise ValueError("this model has no mask head")
+        size = self.mask_head.mask_size
+        fg_boxes, targets = [], []
+        for b, index, masks in zip(boxes, gt_index, gt_masks, strict=True):
+            fg = torch.where(index >= 0)[0]  # (F_i,)
+            fg_boxes.append(b[fg])
+            targets.append(mask_targets(masks, b[fg], index[fg], size))  # (F_i, M, M)
+        logits = self.mask_head(features, fg_boxes, image_sizes)  # (F, 1, M, M)
+        return {"loss_mask": self.mask_loss_weight * mask_loss(logits, torch.cat(targets))}
+
+    def predict_masks(
+        self, features: dict[str, Tensor], detections: list[Detections], image_sizes: list[tuple[int, int]]
+    ) -> list[Detections]:
+        """Detections with their class-agnostic mask probabilities ``Tensor[N_i, 1, M, M]`` added."""
+        if self.mask_head is None:
+            raise ValueError("this model has no mask head")
+        logits = self.mask_head(features, [d.boxes for d in detections], image_sizes)  # (N, 1, M, M)
+        probs = torch.sigmoid(logits.float()).split([len(d) for d in detections])
+        return [Detections(d.boxes, d.scores, d.labels, p) for d, p in zip(detections, probs, strict=True)]
+
     # -- inference -------------------------------------------------------------------------------
 
     def predict(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
@@ -341,10 +398,18 @@ class OpenVocabRoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are needed in training mode")
-            boxes, classes, matched = self.sample_proposals(
-                proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets]
+            if self.mask_head is not None and any("masks" not in t for t in targets):
+                raise ValueError("the mask head needs 'masks' in every target (uint8[N, H, W])")
+            boxes, classes, matched, gt_index = self.sample_proposals(
+                proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets], with_gt_index=True
             )
             x = self.region_features(features, boxes, image_sizes)  # (R, D')
-            return [], self.losses(self.classifier(x), self.box_regressor(x), boxes, classes, matched)
+            losses = self.losses(self.classifier(x), self.box_regressor(x), boxes, classes, matched)
+            if self.mask_head is not None:
+                losses |= self.mask_losses(features, boxes, gt_index, [t["masks"] for t in targets], image_sizes)
+            return [], losses
         x = self.region_features(features, proposals, image_sizes)  # (R, D')
-        return self.predict(self.classifier(x), self.box_regressor(x), proposals, image_sizes), {}
+        detections = self.predict(self.classifier(x), self.box_regressor(x), proposals, image_sizes)
+        if self.mask_head is not None:
+            detections = self.predict_masks(features, detections, image_sizes)
+        return detections, {}

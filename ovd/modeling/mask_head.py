@@ -1,0 +1,136 @@
+"""Class-agnostic mask head of Mask R-CNN (METHOD §1.4, §11), its targets, loss and pasting.
+
+The head is detectron2's ``MaskRCNNConvUpsampleHead`` with ``CLS_AGNOSTIC_MASK True``: multi-level
+RoIAlign (``S × S``) on the FPN levels, ``num_conv`` × (3×3 conv, ReLU), a 2× transposed conv + ReLU and
+a 1×1 predictor with **one** output channel, so the mask does not depend on the class (the classifier
+is open-vocabulary; a per-class mask channel could not exist for unseen classes).
+
+Targets are made as detectron2's ``BitMasks.crop_and_resize``: each matched ground-truth mask is
+RoIAligned (half-pixel aligned, adaptive sampling) on its proposal box to ``M × M`` and binarised at
+:data:`MASK_TARGET_THRESHOLD`. torchvision's ``project_masks_on_boxes`` does the same without alignment and
+without binarising (soft edge targets); we follow the reference.
+
+Shape shorthand: ``R`` regions (foreground proposals in training, detections at inference), ``G``
+ground-truth masks of one image, ``S`` pooler resolution, ``M = 2S`` mask resolution, ``H × W``
+image size, ``Ch`` FPN channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+MASK_TARGET_THRESHOLD = 0.5
+"""A RoIAligned ground-truth mask value ≥ this is a positive target pixel (detectron2 ``crop_and_resize``)."""
+PREDICTOR_INIT_STD = 0.001
+"""Std of the 1×1 predictor's normal init (detectron2 ``MaskRCNNConvUpsampleHead``)."""
+UPSAMPLE = 2
+"""The transposed convolution's stride: predicted masks are ``UPSAMPLE × S`` pixels wide."""
+
+
+class MaskHead(nn.Module):
+    """FPN RoIAlign → convs → 2× deconv → one mask logit map per region: ``Tensor[R, 1, M, M]``.
+
+    Args:
+        in_channels: FPN channels ``Ch``.
+        resolution: RoIAlign output size ``S`` (14 in the reference).
+        sampling_ratio: RoIAlign sampling points per bin (0 = adaptive).
+        num_conv: 3×3 conv + ReLU layers.
+        conv_dim: their channels, and the deconvolution's.
+        min_level: finest FPN level pooled (``p{min_level}``–``p5``), as the box pooler.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        resolution: int,
+        sampling_ratio: int,
+        num_conv: int,
+        conv_dim: int,
+        min_level: int = 2,
+    ) -> None:
+        super().__init__()
+        self.pooler = MultiScaleRoIAlign([f"p{k}" for k in range(min_level, 6)], resolution, sampling_ratio)
+        self.resolution = resolution
+        layers: list[nn.Module] = []
+        dim = in_channels
+        for _ in range(num_conv):
+            layers += [nn.Conv2d(dim, conv_dim, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            dim = conv_dim
+        layers += [nn.ConvTranspose2d(dim, conv_dim, kernel_size=UPSAMPLE, stride=UPSAMPLE), nn.ReLU(inplace=True)]
+        self.layers = nn.Sequential(*layers)
+        self.predictor = nn.Conv2d(conv_dim, 1, kernel_size=1)  # class-agnostic: one channel
+        for m in self.layers.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # d2 c2_msra_fill
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.predictor.weight, std=PREDICTOR_INIT_STD)
+        nn.init.zeros_(self.predictor.bias)
+
+    @property
+    def mask_size(self) -> int:
+        """``M``, the side of the predicted masks."""
+        return UPSAMPLE * self.resolution
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Mask logits of ``boxes`` (per image ``Tensor[R_i, 4]`` on the input image): ``Tensor[R, 1, M, M]``."""
+        x = self.pooler(features, boxes, image_sizes)  # (R, Ch, S, S)
+        return self.predictor(self.layers(x))  # (R, 1, M, M)
+
+
+@torch.no_grad()
+def mask_targets(gt_masks: Tensor, boxes: Tensor, gt_index: Tensor, size: int) -> Tensor:
+    """Binary ``M × M`` targets: the matched ground-truth mask of each box, cropped and resized to it.
+
+    Args:
+        gt_masks: ``uint8[G, H, W]`` (or bool / float) masks of one image, in the boxes' coordinates.
+        boxes: ``Tensor[R, 4]`` xyxy regions (pixel-edge coordinates).
+        gt_index: ``int64[R]`` the mask each box is matched to, in ``[0, G)``.
+        size: ``M``.
+
+    Returns:
+        ``float32[R, M, M]`` of zeros and ones.
+    """
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros((0, size, size), dtype=torch.float32)
+    used, inverse = torch.unique(gt_index, return_inverse=True)  # (U,), (R,): convert only the masks in use
+    masks = gt_masks[used].to(dtype=torch.float32, device=boxes.device)[:, None]  # (U, 1, H, W)
+    rois = torch.cat([inverse.to(boxes.dtype)[:, None], boxes.float()], dim=1)  # (R, 5)
+    crops = roi_align(masks, rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)  # (R, 1, M, M)
+    return (crops[:, 0] >= MASK_TARGET_THRESHOLD).float()  # (R, M, M)
+
+
+def mask_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-pixel sigmoid BCE of class-agnostic mask logits, the **mean** over the ``R·M·M`` pixels.
+
+    Args:
+        logits: ``Tensor[R, 1, M, M]`` (the foreground regions only).
+        targets: ``Tensor[R, M, M]`` of zeros and ones.
+
+    Returns:
+        A scalar; 0 (with gradient) when ``R == 0``.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[:, 0].float(), targets.to(torch.float32), reduction="mean")
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Paste box-relative mask probabilities into an image (torchvision's ``paste_masks_in_image``).
+
+    Args:
+        masks: ``Tensor[N, 1, M, M]`` probabilities.
+        boxes: ``Tensor[N, 4]`` xyxy boxes in the target image's pixels.
+        image_size: ``(H, W)`` of the target image.
+
+    Returns:
+        ``float32[N, H, W]`` probabilities (0 outside each box).
+    """
+    h, w = image_size
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, h, w), dtype=torch.float32)
+    return paste_masks_in_image(masks.float(), boxes.float(), (h, w))[:, 0]  # (N, H, W)
