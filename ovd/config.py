@@ -87,6 +87,10 @@ class RoIHeadsCfg:
     pooler_resolution: int = 14  # RoIAlign output size (C4: 14, FPN: 7)
     pooler_sampling_ratio: int = 0  # RoIAlign sampling points per bin (0 = adaptive)
     pooler_aligned: bool = True  # half-pixel alignment (ROIAlignV2); C4 only, FPN pooler is unaligned
+    # FPN level assignment of RoIs: a box of side canonical_box_size px is pooled from p{canonical_level}
+    # (FPN eq. 1: k = canonical_level + log2(sqrt(area) / canonical_box_size), clamped to the levels)
+    canonical_box_size: int = 224
+    canonical_level: int = 4
     fc_dim: int = 1024  # FC box head width (FPN backbones)
     num_fc: int = 2  # FC layers of the box head (FPN backbones)
     batch_size_per_image: int = 512  # proposals sampled per image for the loss
@@ -260,6 +264,9 @@ class Config:
     seed: int = 0  # seeds model init, data order and augmentation
     log_period: int = 20  # iterations between TensorBoard / log writes
     device: str = "auto"  # auto | cpu | cuda
+    # torch intra-op CPU threads (0 = torch's default). On small shared CPUs 1 thread is far more
+    # robust: 2 threads on a loaded 2-core machine ran 10x slower than 1 (OV-Shapes recipe).
+    num_threads: int = 0
 
 
 # ----------------------------------------------------------------------------------------------

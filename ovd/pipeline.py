@@ -55,6 +55,7 @@ class PseudoLabelsCfg:
     name: str = ""  # catalog name the pseudo-labelled dataset is registered under (the recipes' sources use it)
     score: str = "softmax"  # how a region is scored for a label: softmax (over the vocabulary) | cosine
     threshold: float = 0.3  # a label keeps its best region only when that region's score exceeds this
+    logit_scale: float = 100.0  # softmax scale over the vocabulary (CLIP's learnt scale is 100)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def ensure_pseudo_labels(pipe: PipelineCfg, cfg: Config, store: Path, output_dir
     from ovd.engine.vocabulary import class_embeddings
 
     emb = class_embeddings(cfg.clip, info.class_names, output_dir / "pseudo_labels")
-    source = ClipScoredProposals(store, emb, score=p.score, threshold=p.threshold)
+    source = ClipScoredProposals(store, emb, score=p.score, threshold=p.threshold, logit_scale=p.logit_scale)
     logger.info("pseudo-labelling %s from %s (%s > %g)", p.dataset, store, p.score, p.threshold)
     generate_pseudo_labels(info, source, path)
     return path

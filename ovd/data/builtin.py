@@ -64,10 +64,20 @@ def register_coco() -> None:
     )
     register_dataset(
         DatasetInfo(
-            name="coco_captions_train",
+            name="coco_captions_train",  # caption tags: tools/tag_captions.py --synonyms coco (METHOD §4.1)
             image_root="coco/train2017",
-            ann_file="coco/annotations/captions_train2017.json",
+            ann_file="coco/annotations/captions_train2017_tags_allcaps.json",
             ann_type="image",
+            extra={"captions": "coco/annotations/captions_train2017.json"},
+            **common,
+        )
+    )
+    register_dataset(
+        DatasetInfo(
+            name="coco_captions_train_pseudo",  # tools/generate_pseudo_labels.py (the pipeline writes its own)
+            image_root="coco/train2017",
+            ann_file="coco/annotations/captions_train2017_tags_allcaps_pseudo.json",
+            ann_type="pseudo",
             **common,
         )
     )
@@ -79,11 +89,18 @@ def register_all() -> None:
     from ovd.data.lvis import register_lvis
 
     register_lvis()
-    try:
-        from ovd.data import ovshapes
-    except ImportError:  # pragma: no cover - during development only
-        return
+    from ovd.data import ovshapes
+
     ovshapes.register_ovshapes()
     from ovd.data.ovshapes_lt import register_ovshapes_lt
 
     register_ovshapes_lt()
+
+
+def coco_synonyms() -> dict[int, list[str]]:
+    """``{COCO category id: [name, synonyms...]}`` for caption tagging (``ovd/data/metadata/coco_synonyms.json``)."""
+    import json
+    from pathlib import Path
+
+    raw = json.loads((Path(__file__).parent / "metadata" / "coco_synonyms.json").read_text())
+    return {int(k): list(v) for k, v in raw["synonyms"].items()}

@@ -243,6 +243,8 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
     """
     device = dist.local_device(cfg.device)
     dist.init_distributed(device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     out = Path(output_dir)
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
         fc_dim=r.fc_dim,
         num_fc=r.num_fc,
         min_level=b.fpn_min_level,
+        canonical_box_size=r.canonical_box_size,
+        canonical_level=r.canonical_level,
     )
     return backbone, region, b.fpn_channels, r.fc_dim
 
@@ -86,6 +88,8 @@ def _mask_head(cfg: Config) -> MaskHead | None:
         num_conv=mk.num_conv,
         conv_dim=mk.conv_dim,
         min_level=b.fpn_min_level,
+        canonical_box_size=cfg.model.roi_heads.canonical_box_size,
+        canonical_level=cfg.model.roi_heads.canonical_level,
     )
 
 

@@ -52,9 +52,17 @@ class MaskHead(nn.Module):
         num_conv: int,
         conv_dim: int,
         min_level: int = 2,
+        canonical_box_size: int = 224,
+        canonical_level: int = 4,
     ) -> None:
         super().__init__()
-        self.pooler = MultiScaleRoIAlign([f"p{k}" for k in range(min_level, 6)], resolution, sampling_ratio)
+        self.pooler = MultiScaleRoIAlign(
+            [f"p{k}" for k in range(min_level, 6)],
+            resolution,
+            sampling_ratio,
+            canonical_scale=canonical_box_size,
+            canonical_level=canonical_level,
+        )
         self.resolution = resolution
         layers: list[nn.Module] = []
         dim = in_channels

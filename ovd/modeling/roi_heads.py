@@ -52,10 +52,26 @@ class FPNRegionFeatures(nn.Module):
     """Multi-level RoIAlign (``p{min_level}``–p5) → flatten → ``num_fc`` × (Linear, ReLU): ``Tensor[R, fc_dim]``."""
 
     def __init__(
-        self, *, in_channels: int, resolution: int, sampling_ratio: int, fc_dim: int, num_fc: int, min_level: int = 2
+        self,
+        *,
+        in_channels: int,
+        resolution: int,
+        sampling_ratio: int,
+        fc_dim: int,
+        num_fc: int,
+        min_level: int = 2,
+        canonical_box_size: int = 224,
+        canonical_level: int = 4,
     ) -> None:
         super().__init__()
-        self.pooler = MultiScaleRoIAlign([f"p{k}" for k in range(min_level, 6)], resolution, sampling_ratio)
+        # a box of side canonical_box_size is pooled from level canonical_level (FPN paper, eq. 1)
+        self.pooler = MultiScaleRoIAlign(
+            [f"p{k}" for k in range(min_level, 6)],
+            resolution,
+            sampling_ratio,
+            canonical_scale=canonical_box_size,
+            canonical_level=canonical_level,
+        )
         layers: list[nn.Module] = [nn.Flatten()]
         dim = in_channels * resolution * resolution
         for _ in range(num_fc):
