@@ -46,6 +46,22 @@ def _make_dataset(root: Path) -> None:
 
 
 def _register(root: Path) -> None:
+    # the same images as pseudo-labelled data: each box is a pseudo box of its image-level label
+    data = json.loads((root / "train.json").read_text())
+    for img in data["images"]:
+        img["pos_category_ids"] = sorted({a["category_id"] for a in data["annotations"] if a["image_id"] == img["id"]})
+    (root / "pseudo.json").write_text(json.dumps(data))
+    register_dataset(
+        DatasetInfo(
+            name="ddp_fixture_pseudo",
+            image_root=str(root),
+            ann_file=str(root / "pseudo.json"),
+            class_names=("red", "blue", "green"),
+            category_ids=(1, 2, 3),
+            ann_type="pseudo",
+        ),
+        overwrite=True,
+    )
     register_dataset(
         DatasetInfo(
             name="ddp_fixture",
@@ -60,7 +76,13 @@ def _register(root: Path) -> None:
     )
 
 
-def _cfg(root: Path):
+MULTI_SOURCE = (
+    "data.sources=[{dataset: ddp_fixture, batch_size: 2, ratio: 1},"
+    " {dataset: ddp_fixture_pseudo, supervision: pseudo, batch_size: 2, ratio: 1}]"
+)
+
+
+def _cfg(root: Path, *extra: str):
     return load_config(
         REPO / "configs/ovshapes/base.yaml",
         [
@@ -81,6 +103,7 @@ def _cfg(root: Path):
             "model.rpn.positive_fraction=1.0",
             "model.roi_heads.batch_size_per_image=1000000",
             "model.roi_heads.positive_fraction=1.0",
+            *extra,
         ],
     )
 
@@ -94,7 +117,7 @@ torch.set_num_threads(1)
 from pathlib import Path
 from ovd.engine.trainer import train
 mod._register(Path(sys.argv[2]))
-train(mod._cfg(Path(sys.argv[2])), sys.argv[3])
+train(mod._cfg(Path(sys.argv[2]), *sys.argv[4:]), sys.argv[3])
 torch.distributed.destroy_process_group()
 """
 
@@ -137,3 +160,19 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     # equal up to float summation order (measured: ~3e-6); without the gradient all-reduce, rank 0
     # would step on half of the batch only
     assert (num / den) ** 0.5 < 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_multi_source(tmp_path, monkeypatch):
+    """Ranks may draw batches of different supervision in the same iteration (box on one, pseudo on
+    the other, METHOD §1.5): DDP must still step, with every rank logging the same loss keys."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _make_dataset(tmp_path)
+    script = tmp_path / "launch.py"
+    script.write_text(_LAUNCH)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    cmd += [str(script), __file__, str(tmp_path), str(tmp_path / "ddp"), MULTI_SOURCE, "solver.max_iter=6",
+            "log_period=1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "ddp" / "model_final.pth")["iteration"] == 6
