@@ -64,11 +64,11 @@ def register_coco() -> None:
     )
     register_dataset(
         DatasetInfo(
-            name="coco_captions_train",  # caption tags: tools/tag_captions.py --synonyms coco (METHOD §4.1)
+            name="coco_captions_train",  # caption tags: tools/tag_captions.py --dataset NAME (METHOD §4.1)
             image_root="coco/train2017",
             ann_file="coco/annotations/captions_train2017_tags_allcaps.json",
             ann_type="image",
-            extra={"captions": "coco/annotations/captions_train2017.json"},
+            extra={"captions": "coco/annotations/captions_train2017.json", "synonyms": "coco"},
             **common,
         )
     )
@@ -95,12 +95,3 @@ def register_all() -> None:
     from ovd.data.ovshapes_lt import register_ovshapes_lt
 
     register_ovshapes_lt()
-
-
-def coco_synonyms() -> dict[int, list[str]]:
-    """``{COCO category id: [name, synonyms...]}`` for caption tagging (``ovd/data/metadata/coco_synonyms.json``)."""
-    import json
-    from pathlib import Path
-
-    raw = json.loads((Path(__file__).parent / "metadata" / "coco_synonyms.json").read_text())
-    return {int(k): list(v) for k, v in raw["synonyms"].items()}

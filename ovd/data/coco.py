@@ -116,6 +116,15 @@ def _check_category(cid: Any, field: str, vocab: Mapping[int, int], file_cats: s
     return vocab[cid]
 
 
+def _file_name_from_url(img: Mapping[str, Any]) -> str | None:
+    """``train2017/000000155379.jpg`` from ``coco_url``: LVIS v1 images have no ``file_name``, so their
+    ``image_root`` is the COCO folder holding ``train2017/`` and ``val2017/``."""
+    url = img.get("coco_url")
+    if isinstance(url, str) and url.count("/") >= 2:
+        return "/".join(url.split("/")[-2:])
+    return None
+
+
 def _read_images(
     data: Mapping[str, Any], image_root: Path, chk: _Checker
 ) -> tuple[list[dict[str, Any]], dict[int, int]]:
@@ -128,13 +137,15 @@ def _read_images(
         field = f"images[{i}]"
         if not isinstance(img, Mapping):
             raise chk.fail(field, f"expected an object, got {type(img).__name__}")
-        for key in ("id", "file_name", "height", "width"):
+        for key in ("id", "height", "width"):
             if key not in img:
                 raise chk.fail(field, f"missing key {key!r}")
         image_id = chk.int_id(img["id"], f"{field}.id")
         if image_id in position:
             raise chk.fail(f"{field}.id", f"duplicate image id {image_id}")
-        file_name = img["file_name"]
+        file_name = img.get("file_name", _file_name_from_url(img))
+        if file_name is None:
+            raise chk.fail(field, "missing key 'file_name' (and no 'coco_url' to derive it from)")
         if not isinstance(file_name, str) or not file_name:
             raise chk.fail(f"{field}.file_name", f"expected a non-empty string, got {file_name!r}")
         position[image_id] = i
@@ -430,6 +441,9 @@ def load_dataset(info: DatasetInfo, *, filter_empty: bool = False, with_masks: b
     ``with_masks=None`` reads masks when the catalog entry says its annotations have them
     (``info.extra["masks"] == "true"``).
     """
+    if not info.category_ids:
+        hint = " (LVIS: run 'python tools/prepare_lvis.py norare' first)" if info.extra.get("format") == "lvis" else ""
+        raise OVDError(f"dataset {info.name!r} has an empty vocabulary{hint}", field="category_ids")
     if with_masks is None:
         with_masks = info.extra.get(MASKS_KEY) == "true"
     return load_coco_json(

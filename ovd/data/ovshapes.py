@@ -950,13 +950,14 @@ def _prepare(preset_name: str, info: DatasetInfo) -> None:
 
 def _prepare_tags(preset_name: str, info: DatasetInfo) -> None:
     """Write the caption tags of the training images (generating the world first when missing)."""
-    from ovd.data.captions import tag_captions
+    from ovd.data.captions import ovshapes_synonyms, tag_captions
 
     captions = info.resolve(info.extra["captions"])
     if not captions.is_file():
         generate_ovshapes(datasets_root(), preset_name, seed=0)
-    train = read_json(info.resolve(info.extra["captions"]).parent / "train.json")
-    write_json(info.ann_file_path, tag_captions(read_json(captions), train["categories"], path=str(captions)))
+    train = read_json(captions.parent / "train.json")
+    tags = tag_captions(read_json(captions), train["categories"], synonyms=ovshapes_synonyms(), path=str(captions))
+    write_json(info.ann_file_path, tags)
 
 
 def register_ovshapes() -> None:
@@ -996,7 +997,11 @@ def register_ovshapes() -> None:
                 ann_file=f"{folder}/annotations/captions_train_tags.json",
                 ann_type="image",
                 prepare=functools.partial(_prepare_tags, preset),
-                extra={"preset": preset, "captions": f"{folder}/annotations/captions_train.json"},
+                extra={
+                    "preset": preset,
+                    "captions": f"{folder}/annotations/captions_train.json",
+                    "synonyms": "ovshapes",  # the tagging table: ovd.data.captions.synonym_table
+                },
                 **common,
             ),
             overwrite=True,

@@ -3,9 +3,19 @@
 from ovd.pis.pseudo_labels import (
     ClipScoredProposals,
     FileBoxes,
+    PseudoBoxes,
     PseudoBoxSource,
     generate_pseudo_labels,
+    image_label_info,
     pseudo_label_json,
 )
 
-__all__ = ["ClipScoredProposals", "FileBoxes", "PseudoBoxSource", "generate_pseudo_labels", "pseudo_label_json"]
+__all__ = [
+    "ClipScoredProposals",
+    "FileBoxes",
+    "PseudoBoxSource",
+    "PseudoBoxes",
+    "generate_pseudo_labels",
+    "image_label_info",
+    "pseudo_label_json",
+]
