@@ -134,6 +134,9 @@ class DistillCfg:
     num_regions: int = 5  # stored regions used per image (NUM_DISTIL_PROP)
     l1_weight: float = 0.15  # λ_L1 of mean |n(S) − n(T)| over R·D elements (LVIS recipe: 0.25)
     irm_weight: float = 0.15  # λ_IRM of ‖G_S − G_T‖_F², a sum over R² entries (LVIS recipe: 0.13)
+    # IRM is a Frobenius sum over the R×R region pairs of a group of images, averaged over the groups of a
+    # batch. The reference's group is its per-GPU batch (2 images); 0 = the whole per-rank batch.
+    irm_group_images: int = 2
     # Multiplies both weights: the reference's hidden rkd_temperature, so the effective weights
     # are 15 and 15 on COCO (METHOD §3.5).
     weight_scale: float = 100.0

@@ -154,6 +154,7 @@ def build_model(
         detections_per_image=r.detections_per_image,
         distill_l1_weight=d.l1_weight * d.weight_scale if d.enabled else 0.0,
         distill_irm_weight=d.irm_weight * d.weight_scale if d.enabled else 0.0,
+        irm_group_images=d.irm_group_images,
         image_label_weight=m.image_label.loss_weight,
         mask_head=mask_head,
         mask_loss_weight=m.mask.loss_weight,

@@ -122,6 +122,7 @@ class OpenVocabRoIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_image: inference.
         distill_l1_weight, distill_irm_weight: effective RKD loss weights (0 = off).
         image_label_weight: weight of the image-level losses of PIS (METHOD §4.4).
+        irm_group_images: images per IRM group (the loss is averaged over groups; 0 = the whole batch).
         mask_head: the class-agnostic mask head of Mask R-CNN (METHOD §1.4), or ``None`` (box only).
         mask_loss_weight: multiplies the mask loss.
     """
@@ -150,6 +151,7 @@ class OpenVocabRoIHeads(nn.Module):
         distill_l1_weight: float = 0.0,
         distill_irm_weight: float = 0.0,
         image_label_weight: float = 0.0,
+        irm_group_images: int = 0,
         mask_head: MaskHead | None = None,
         mask_loss_weight: float = 1.0,
     ) -> None:
@@ -173,6 +175,7 @@ class OpenVocabRoIHeads(nn.Module):
         self.distill_l1_weight = distill_l1_weight
         self.distill_irm_weight = distill_irm_weight
         self.image_label_weight = image_label_weight
+        self.irm_group_images = irm_group_images
         self.mask_head = mask_head
         self.mask_loss_weight = mask_loss_weight
 
@@ -279,9 +282,19 @@ class OpenVocabRoIHeads(nn.Module):
             return {"loss_distill_l1": zero, "loss_irm": zero}
         student = self.region_embeddings(features, boxes, image_sizes).float()  # (R, D)
         target = torch.cat(teacher).float()  # (R, D)
+        # IRM over groups of irm_group_images images, averaged: the reference computes it per GPU over
+        # its 2 images and DDP averages the GPUs, so the Frobenius sum never spans more regions
+        per_image = [len(b) for b in boxes]
+        g = self.irm_group_images if self.irm_group_images > 0 else len(boxes)
+        sizes = [sum(per_image[i : i + g]) for i in range(0, len(per_image), g)]
+        groups = [
+            irm_loss(s_part, t_part)
+            for s_part, t_part in zip(student.split(sizes), target.split(sizes), strict=True)
+            if len(s_part)
+        ]
         return {
             "loss_distill_l1": self.distill_l1_weight * distill_l1_loss(student, target),
-            "loss_irm": self.distill_irm_weight * irm_loss(student, target),
+            "loss_irm": self.distill_irm_weight * torch.stack(groups).mean(),
         }
 
     def classify(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:

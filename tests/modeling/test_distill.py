@@ -85,3 +85,26 @@ def test_no_regions_gives_zero_distill_loss_with_graph():
     losses = model([torch.zeros(3, 96, 96, dtype=torch.uint8)], [target])
     assert losses["loss_distill_l1"].item() == 0.0 and losses["loss_irm"].item() == 0.0
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("group", [0, 1, 2])
+def test_irm_is_averaged_over_image_groups(group):
+    """IRM per group of ``irm_group_images`` images (the reference's per-GPU batch), then averaged."""
+    from ovd.losses import irm_loss
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/ovshapes/base.yaml", ["model.distill.enabled=true",
+                                                            f"model.distill.irm_group_images={group}"])  # fmt: skip
+    heads = build_model(cfg, class_embeddings=torch.randn(16, 64)).roi_heads.eval()
+    feats = {f"p{k}": torch.randn(3, 64, 160 // 2**k, 160 // 2**k) for k in range(3, 7)}
+    boxes = [torch.tensor([[0.0, 0, 40, 40], [20, 30, 90, 100]]), torch.tensor([[5.0, 5, 60, 50]]),
+             torch.tensor([[10.0, 0, 80, 70], [0, 0, 30, 30]])]  # fmt: skip
+    teacher = [torch.randn(len(b), 64) for b in boxes]
+    sizes = [(160, 160)] * 3
+    with torch.no_grad():
+        out = heads.distill_losses(feats, boxes, teacher, sizes)
+        student = heads.region_embeddings(feats, boxes, sizes)  # (5, 64)
+    t = torch.cat(teacher)
+    parts = {0: [(0, 5)], 1: [(0, 2), (2, 3), (3, 5)], 2: [(0, 3), (3, 5)]}[group]
+    expected = torch.stack([irm_loss(student[a:b], t[a:b]) for a, b in parts]).mean()
+    assert out["loss_irm"].item() == pytest.approx(heads.distill_irm_weight * expected.item(), rel=1e-5)
