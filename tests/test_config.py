@@ -67,3 +67,23 @@ def test_frozen_and_round_trip(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert config_from_yaml(config_to_yaml(cfg)) == cfg
+
+
+def test_every_shipped_recipe_and_pipeline_loads():
+    from pathlib import Path
+
+    from ovd.config import load_config
+    from ovd.pipeline import load_pipeline
+
+    root = Path(__file__).parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 20
+    for f in files:
+        if f.name == "pipeline.yaml":
+            pipe = load_pipeline(f)
+            for stage in pipe.stages:
+                assert (f.parent / stage.config).is_file(), (f, stage.config)
+        else:
+            cfg = load_config(f)
+            if cfg.data.sources:
+                assert all(s.dataset for s in cfg.data.sources), f

@@ -52,6 +52,8 @@ LVIS_CAT_INFO = "lvis/lvis_v1_train_norare_cat_info.json"
 LVIS_VAL = "lvis/lvis_v1_val.json"
 IMAGENET_LVIS_ROOT = "imagenet/ImageNet-LVIS"
 IMAGENET_LVIS_INFO = "imagenet/annotations/imagenet_lvis_image_info.json"
+IMAGENET_LVIS_PSEUDO = "imagenet/annotations/imagenet_lvis_image_info_pis.json"
+"""ImageNet-LVIS with one pseudo box per image (``ann_type`` "pseudo")."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,14 +433,21 @@ def register_lvis(root: str | os.PathLike[str] | None = None) -> None:
     )
     extra = {"format": "lvis", "cat_info": LVIS_CAT_INFO}
     entries = (
-        ("lvis_v1_train_norare", LVIS_IMAGE_ROOT, LVIS_TRAIN_NORARE, "box"),
-        ("lvis_v1_val", LVIS_IMAGE_ROOT, LVIS_VAL, "box"),
-        ("imagenet_lvis", IMAGENET_LVIS_ROOT, IMAGENET_LVIS_INFO, "image"),
+        ("lvis_v1_train_norare", LVIS_IMAGE_ROOT, LVIS_TRAIN_NORARE, "box", {"masks": "true"}),
+        ("lvis_v1_val", LVIS_IMAGE_ROOT, LVIS_VAL, "box", {"masks": "true"}),
+        ("imagenet_lvis", IMAGENET_LVIS_ROOT, IMAGENET_LVIS_INFO, "image", {}),
+        # one pseudo box per image (tools/generate_pseudo_labels.py; METHOD §4.2's imagenet_lvis_image_info_pis)
+        ("imagenet_lvis_pseudo", IMAGENET_LVIS_ROOT, IMAGENET_LVIS_PSEUDO, "pseudo", {}),
     )
-    for name, image_root, ann_file, ann_type in entries:
+    for name, image_root, ann_file, ann_type, more in entries:
         register_dataset(
             DatasetInfo(
-                name=name, image_root=image_root, ann_file=ann_file, ann_type=ann_type, extra=dict(extra), **vocab
+                name=name,
+                image_root=image_root,
+                ann_file=ann_file,
+                ann_type=ann_type,
+                extra={**extra, **more},
+                **vocab,
             ),
             overwrite=True,
         )
