@@ -369,7 +369,7 @@ def load_lvis_json(
     return coco.load_coco_json(ann_file, image_root, category_ids, with_masks=with_masks)
 
 
-def load_lvis_dataset(info: DatasetInfo) -> list[ImageRecord]:
+def load_lvis_dataset(info: DatasetInfo, *, with_masks: bool | None = None) -> list[ImageRecord]:
     """Records of an LVIS catalog entry (box files via :func:`load_lvis_json`, image labels via COCO)."""
     if not info.category_ids:
         raise OVDError(
@@ -379,9 +379,8 @@ def load_lvis_dataset(info: DatasetInfo) -> list[ImageRecord]:
         )
     if info.ann_type == "image":
         return coco.load_coco_json(info.ann_file_path, info.image_root_path, info.category_ids, ann_type="image")
-    return load_lvis_json(
-        info.ann_file_path, info.image_root_path, info.category_ids, with_masks=info.extra.get("masks") == "true"
-    )
+    masks = info.extra.get("masks") == "true" if with_masks is None else with_masks
+    return load_lvis_json(info.ann_file_path, info.image_root_path, info.category_ids, with_masks=masks)
 
 
 def read_categories(path: str | os.PathLike[str], *, need_frequency: bool = False) -> list[dict[str, Any]]:
