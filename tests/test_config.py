@@ -85,5 +85,14 @@ def test_every_shipped_recipe_and_pipeline_loads():
                 assert (f.parent / stage.config).is_file(), (f, stage.config)
         else:
             cfg = load_config(f)
-            if cfg.data.sources:
-                assert all(s.dataset for s in cfg.data.sources), f
+            from ovd.data.transforms import ResizeFlipAugmentation
+
+            for src in cfg.data.sources:
+                assert src.dataset, f
+                # the per-source input sizes must suit the recipe's sampling style (as the trainer builds them)
+                ResizeFlipAugmentation(
+                    tuple(src.min_size or cfg.input.min_size_train),
+                    src.max_size or cfg.input.max_size_train,
+                    sample_style=cfg.input.min_size_train_sampling,
+                    flip_prob=cfg.input.flip_prob,
+                )
