@@ -123,6 +123,7 @@ def ensure_regions(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path
     from ovd.distill.extract import extract_region_embeddings
     from ovd.distill.proposals import build_proposal_source
     from ovd.distill.store import store_is_complete
+    from ovd.engine.distributed import local_device
 
     if store_is_complete(store):
         return store
@@ -130,8 +131,11 @@ def ensure_regions(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path
     if not r.proposals:
         raise OVDError("a stage distils regions but the pipeline names no proposal source", field="regions.proposals")
     spec = output_dir / r.proposals / "model_final.pth" if not r.proposals.endswith(".json") else Path(r.proposals)
-    source = build_proposal_source(spec, min_size=cfg.input.min_size_test, max_size=cfg.input.max_size_test)
-    clip = create_clip(cfg.clip.model, cfg.clip.pretrained or None)
+    device = local_device(cfg.device)  # the stage's device runs the proposer and CLIP too
+    source = build_proposal_source(
+        spec, min_size=cfg.input.min_size_test, max_size=cfg.input.max_size_test, device=device
+    )
+    clip = create_clip(cfg.clip.model, cfg.clip.pretrained or None, device=device)
     logger.info("extracting %d regions per image of %s with %s", r.k, dataset, spec)
     return extract_region_embeddings(
         load_dataset(get_dataset(dataset)),

@@ -61,3 +61,40 @@ def test_cuda_and_cpu_inference_agree():
         same = (cpu.labels == label) & ((cpu.scores - score).abs() < 1e-3)
         iou = box_iou(box[None], cpu.boxes[same])
         assert iou.numel() and iou.max() > 0.99
+
+
+def test_cuda_pipeline_amp(tmp_path):
+    """Every stage of the method on CUDA with AMP: base → region extraction (detector proposer and
+    CLIP on the GPU) → pseudo labels → RKD → PIS → RKD+PIS+weight transfer."""
+    import json
+
+    import yaml
+
+    from ovd.pipeline import run_pipeline
+
+    gpu = [*FAST, "device=cuda", "solver.amp=true", "solver.max_iter=4", "solver.steps=[3]", "data.num_workers=0"]
+    sources = (
+        "data.sources=[{dataset: ovshapes_small_train, batch_size: 2, ratio: 1},"
+        " {dataset: ovshapes_small_pseudo, supervision: pseudo, batch_size: 4, ratio: 4,"
+        " min_size: [96, 128], max_size: 160}]"
+    )
+    stages = [("base", "base.yaml", []), ("rkd", "rkd.yaml", []), ("pis", "pis.yaml", [sources])]
+    stages.append(("wt", "rkd_pis_wt.yaml", [sources]))
+    spec = {
+        "stages": [
+            {"name": n, "config": str(REPO / "configs/ovshapes" / f), "overrides": [*gpu, *extra]}
+            for n, f, extra in stages
+        ],
+        "regions": {"proposals": "base", "k": 4},
+        "pseudo_labels": {"dataset": "ovshapes_small_captions", "name": "ovshapes_small_pseudo", "threshold": 0.0},
+        "demo_images": 1,
+    }
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(yaml.safe_dump(spec))
+    result = run_pipeline(pipe, tmp_path / "out")
+    assert [r["stage"] for r in result["stages"]] == ["base", "rkd", "pis", "wt"]
+    for name in ("base", "rkd", "pis", "wt"):
+        state = load_checkpoint(tmp_path / "out" / name / "model_final.pth")
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
+        metrics = json.loads((tmp_path / "out" / name / "eval" / "metrics.json").read_text())
+        assert 0.0 <= metrics["AP50_all"] <= 100.0
