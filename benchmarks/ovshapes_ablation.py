@@ -30,8 +30,11 @@ from machine import cpu_model  # noqa: E402
 KEYS = ("AP50_novel", "AP50_base", "AP50_all")
 
 
-def run_seeds(seeds: list[int], root: Path, config: str, parallel: int, threads: int) -> dict[int, float]:
-    """Run the pipeline of every seed (``parallel`` at a time); returns each seed's wall time (s)."""
+def run_seeds(
+    seeds: list[int], root: Path, config: str, parallel: int, threads: int, overrides: list[str]
+) -> dict[int, float]:
+    """Run the pipeline of every seed (``parallel`` at a time), ``overrides`` applied to every stage;
+    returns each seed's wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending, running, walls = list(seeds), {}, {}
     while pending or running:
@@ -40,7 +43,7 @@ def run_seeds(seeds: list[int], root: Path, config: str, parallel: int, threads:
             out = root / f"seed{seed}"
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(REPO / "tools/run_pipeline.py"), "--config-file", config,
-                   "--output-dir", str(out), f"seed={seed}"]  # fmt: skip
+                   "--output-dir", str(out), f"seed={seed}", *overrides]  # fmt: skip
             log = open(out / "pipeline.log", "w")  # noqa: SIM115 (closed when the process ends)
             running[seed] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log,
                              time.perf_counter())  # fmt: skip
@@ -53,6 +56,12 @@ def run_seeds(seeds: list[int], root: Path, config: str, parallel: int, threads:
                 del running[seed]
         time.sleep(2)
     return walls
+
+
+def _gpu() -> str:
+    import torch
+
+    return f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
 
 
 def table(root: Path, seeds: list[int]) -> tuple[str, list[str]]:
@@ -90,9 +99,10 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=1, help="seeds run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--output", type=Path, help="markdown file to write")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every stage of every seed")
     args = p.parse_args()
     start = time.perf_counter()
-    walls = run_seeds(args.seeds, args.root, args.config, args.parallel, args.threads)
+    walls = run_seeds(args.seeds, args.root, args.config, args.parallel, args.threads, args.overrides)
     text, raw = table(args.root, args.seeds)
     teacher = json.loads((REPO / "datasets/ovshapes/teacher/ovshapes-clip.json").read_text())["accuracy"]
     report = "\n".join(
@@ -100,11 +110,13 @@ def main() -> int:
             "## OV-Shapes ablation over seeds",
             "",
             f"Command: `python benchmarks/ovshapes_ablation.py --seeds {' '.join(map(str, args.seeds))} "
-            f"--parallel {args.parallel} --threads {args.threads} --root {args.root}`",
+            f"--parallel {args.parallel} --threads {args.threads} --root {args.root}"
+            + "".join(f" {o}" for o in args.overrides)
+            + "`",
             "",
             f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}; "
             f"{args.parallel} seed(s) at a time, {args.threads} torch thread(s) each; load average at the end "
-            f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}.",
+            f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; {_gpu()}.",
             f"- Teacher (shared by all seeds): zero-shot top-1 {teacher['top1']} % (base {teacher['top1_base']} %, "
             f"novel {teacher['top1_novel']} %) on {teacher['num']} held-out crops.",
             "- Wall time per seed (s, runs overlapped): "
