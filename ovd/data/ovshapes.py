@@ -333,7 +333,12 @@ class OVShapesPreset:
 PRESETS: dict[str, OVShapesPreset] = {
     "small": OVShapesPreset("small", num_train=48, num_val=24),
     "default": OVShapesPreset("default", num_train=1500, num_val=300),
+    # a development split for choosing recipes, so that `default`'s val split stays a test set: the val
+    # split of another world drawn with DEV_SEED (its one training image is never used)
+    "dev": OVShapesPreset("dev", num_train=1, num_val=300),
 }
+DEV_SEED = 1
+"""Seed of the ``dev`` preset's world (the registered worlds use seed 0)."""
 
 _STREAMS = {"train": 0, "val": 1, "crops": 2, "captions": 3}  # seed streams: crops never reuse val's
 _MAX_TRIES = 30  # placement attempts per object
@@ -945,7 +950,7 @@ def _check_seed(seed: int) -> None:
 
 
 def _prepare(preset_name: str, info: DatasetInfo) -> None:
-    generate_ovshapes(datasets_root(), preset_name, seed=0)
+    generate_ovshapes(datasets_root(), preset_name, seed=DEV_SEED if preset_name == "dev" else 0)
 
 
 def _prepare_tags(preset_name: str, info: DatasetInfo) -> None:
@@ -961,10 +966,11 @@ def _prepare_tags(preset_name: str, info: DatasetInfo) -> None:
 
 
 def register_ovshapes() -> None:
-    """Register ``ovshapes_{train,val}`` (default preset) and ``ovshapes_small_{train,val}``.
+    """Register ``ovshapes_{train,val}`` (default preset), ``ovshapes_small_{train,val}`` and
+    ``ovshapes_dev`` (the val split of the ``dev`` preset's world, for choosing recipes).
 
-    Seed 0 and :data:`DEFAULT_NOVEL`; each entry generates its world under the datasets root on first
-    use. Calling it again re-registers the same entries.
+    Seed 0 (:data:`DEV_SEED` for ``dev``) and :data:`DEFAULT_NOVEL`; each entry generates its world
+    under the datasets root on first use. Calling it again re-registers the same entries.
     """
     novel = resolve_novel(None)
     common = dict(
@@ -1006,3 +1012,14 @@ def register_ovshapes() -> None:
             ),
             overwrite=True,
         )
+    register_dataset(
+        DatasetInfo(
+            name="ovshapes_dev",
+            image_root="ovshapes/dev/val",
+            ann_file="ovshapes/dev/annotations/val.json",
+            prepare=functools.partial(_prepare, "dev"),
+            extra={"preset": "dev", "seed": DEV_SEED},
+            **common,
+        ),
+        overwrite=True,
+    )

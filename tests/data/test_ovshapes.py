@@ -271,7 +271,7 @@ def test_render_object_crops() -> None:
 
 
 def test_bad_input_names_the_valid_choices(tmp_path: Path) -> None:
-    with pytest.raises(OVDError, match=r"unknown OV-Shapes preset 'huge' \(valid: default, small\)"):
+    with pytest.raises(OVDError, match=r"unknown OV-Shapes preset 'huge' \(valid: default, dev, small\)"):
         generate_ovshapes(tmp_path, "huge")
     with pytest.raises(OVDError, match=r"unknown OV-Shapes class 'dragon' \(valid: circle, square"):
         generate_ovshapes(tmp_path, "small", novel=["star", "dragon"])
@@ -286,3 +286,19 @@ def test_bad_input_names_the_valid_choices(tmp_path: Path) -> None:
     with pytest.raises(OVDError, match="objects_per_image"):
         OVShapesPreset("bad", num_train=1, num_val=1, objects_per_image=(3, 2))
     assert not (tmp_path / "ovshapes").exists()  # nothing was written
+
+
+def test_dev_split_is_another_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ovshapes_dev`` (for choosing recipes) is the val split of a world drawn with another seed, so
+    it shares no image with ``ovshapes_val``; generation is stubbed to the small preset's sizes."""
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
+    monkeypatch.setitem(ovshapes.PRESETS, "dev", OVShapesPreset("dev", num_train=1, num_val=6))
+    monkeypatch.setitem(ovshapes.PRESETS, "default", OVShapesPreset("default", num_train=2, num_val=6))
+    ovshapes.register_ovshapes()
+    dev, val = get_dataset("ovshapes_dev"), get_dataset("ovshapes_val")
+    assert dev.ann_file_path == tmp_path / "ovshapes/dev/annotations/val.json"
+    assert read_json(dev.ann_file_path)["info"]["seed"] == ovshapes.DEV_SEED != 0
+    assert dev.class_names == val.class_names and dev.novel_classes == val.novel_classes
+    dev_images = {p.read_bytes() for p in dev.image_root_path.glob("*.png")}
+    val_images = {p.read_bytes() for p in val.image_root_path.glob("*.png")}
+    assert len(dev_images) == 6 and not dev_images & val_images
