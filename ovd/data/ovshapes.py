@@ -949,8 +949,8 @@ def _check_seed(seed: int) -> None:
 # Catalog
 
 
-def _prepare(preset_name: str, info: DatasetInfo) -> None:
-    generate_ovshapes(datasets_root(), preset_name, seed=DEV_SEED if preset_name == "dev" else 0)
+def _prepare(preset_name: str, info: DatasetInfo, seed: int = 0) -> None:
+    generate_ovshapes(datasets_root(), preset_name, seed=seed)
 
 
 def _prepare_tags(preset_name: str, info: DatasetInfo) -> None:
@@ -1017,7 +1017,7 @@ def register_ovshapes() -> None:
             name="ovshapes_dev",
             image_root="ovshapes/dev/val",
             ann_file="ovshapes/dev/annotations/val.json",
-            prepare=functools.partial(_prepare, "dev"),
+            prepare=functools.partial(_prepare, "dev", seed=DEV_SEED),
             extra={"preset": "dev", "seed": DEV_SEED},
             **common,
         ),

@@ -101,7 +101,7 @@ class OpenVocabDetector(nn.Module):
 
     def loss_names(self, supervision: str) -> tuple[str, ...]:
         """The loss keys a training batch of ``supervision`` returns (see :meth:`forward`)."""
-        distill = ("loss_distill_l1", "loss_irm") if self.distill_enabled else ()
+        distill = self.roi_heads.distill_loss_names()
         if supervision == "box":
             mask = ("loss_mask",) if self.roi_heads.mask_head is not None else ()
             return ("loss_objectness", "loss_rpn_box_reg", "loss_cls", "loss_box_reg", *mask, *distill)

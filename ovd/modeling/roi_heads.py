@@ -277,11 +277,17 @@ class OpenVocabRoIHeads(nn.Module):
             boxes: per image ``Tensor[K_i, 4]`` on the input image.
             teacher: per image ``Tensor[K_i, D]`` CLIP image embeddings.
         """
+        names = self.distill_loss_names()
         if sum(len(b) for b in boxes) == 0:
             zero = self.classifier.fc_weight_sum() * 0.0  # keeps every rank's graph alike under DDP
-            return {"loss_distill_l1": zero, "loss_irm": zero}
+            return dict.fromkeys(names, zero)
         student = self.region_embeddings(features, boxes, image_sizes).float()  # (R, D)
         target = torch.cat(teacher).float()  # (R, D)
+        losses: dict[str, Tensor] = {}
+        if "loss_distill_l1" in names:
+            losses["loss_distill_l1"] = self.distill_l1_weight * distill_l1_loss(student, target)
+        if "loss_irm" not in names:
+            return losses
         # IRM over groups of irm_group_images images, averaged: the reference computes it per GPU over
         # its 2 images and DDP averages the GPUs, so the Frobenius sum never spans more regions
         per_image = [len(b) for b in boxes]
@@ -292,10 +298,16 @@ class OpenVocabRoIHeads(nn.Module):
             for s_part, t_part in zip(student.split(sizes), target.split(sizes), strict=True)
             if len(s_part)
         ]
-        return {
-            "loss_distill_l1": self.distill_l1_weight * distill_l1_loss(student, target),
-            "loss_irm": self.distill_irm_weight * torch.stack(groups).mean(),
-        }
+        losses["loss_irm"] = self.distill_irm_weight * torch.stack(groups).mean()
+        return losses
+
+    def distill_loss_names(self) -> tuple[str, ...]:
+        """The RKD loss keys: each term only when its weight is non-zero (as the reference's IRM key)."""
+        return tuple(
+            name
+            for name, weight in (("loss_distill_l1", self.distill_l1_weight), ("loss_irm", self.distill_irm_weight))
+            if weight > 0
+        )
 
     def classify(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         """Logits ``Tensor[R, C+1]`` of the given boxes (per image ``Tensor[P_i, 4]``)."""

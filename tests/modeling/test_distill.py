@@ -108,3 +108,28 @@ def test_irm_is_averaged_over_image_groups(group):
     parts = {0: [(0, 5)], 1: [(0, 2), (2, 3), (3, 5)], 2: [(0, 3), (3, 5)]}[group]
     expected = torch.stack([irm_loss(student[a:b], t[a:b]) for a, b in parts]).mean()
     assert out["loss_irm"].item() == pytest.approx(heads.distill_irm_weight * expected.item(), rel=1e-5)
+
+
+def test_zero_weight_term_is_neither_computed_nor_logged():
+    """A zero IRM weight (the OV-Shapes recipes) drops the key, as the reference does; L1 is unchanged
+    and ``loss_names`` lists exactly the keys a batch returns (DDP logging relies on it)."""
+    cfg = load_config(
+        REPO / "configs/ovshapes/base.yaml", ["model.distill.enabled=true", "model.distill.irm_weight=0.0"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, class_embeddings=torch.randn(16, 64)).train()
+    regions = torch.tensor([[10.0, 10, 60, 70], [70, 20, 150, 110]])
+    teacher = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
+    target = {"boxes": regions[:1], "labels": torch.tensor([1])}
+    target |= {"distill_boxes": regions, "distill_embeddings": teacher}
+    losses = model([torch.randint(0, 255, (3, 128, 160), dtype=torch.uint8)], [target])
+    assert set(losses) == set(model.loss_names("box")) and "loss_irm" not in losses
+    heads = model.roi_heads
+    with torch.no_grad():
+        batch = model.preprocess([torch.zeros(3, 8, 8, dtype=torch.uint8)])
+        feats = {k: torch.randn(1, v.shape[1], 16, 20) for k, v in model.features(batch).items()}
+        student = heads.region_embeddings(feats, [regions], [(128, 160)])
+        out = heads.distill_losses(feats, [regions], [teacher], [(128, 160)])
+    expected = (torch.nn.functional.normalize(student, dim=1) - teacher).abs().mean()  # mean over R·D
+    assert list(out) == ["loss_distill_l1"]
+    assert out["loss_distill_l1"].item() == pytest.approx(heads.distill_l1_weight * expected.item(), rel=1e-5)
