@@ -26,7 +26,10 @@ from ovd.utils.io import write_json
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP")
+METRIC_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP")  # OV-COCO-style rows
+LVIS_KEYS = ("APr", "APc", "APf", "AP", "mask_APr", "mask_AP")  # LVIS-style rows: box metrics, then mask ones
+_HEADERS = {"AP50_novel": "AP50 novel", "AP50_base": "AP50 base", "AP50_all": "AP50 all", "mask_APr": "mask APr",
+            "mask_AP": "mask AP"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -193,20 +196,41 @@ def is_finished(stage_dir: Path) -> bool:
     return (stage_dir / "eval" / "metrics.json").is_file() and (stage_dir / "model_final.pth").is_file()
 
 
+def stage_row(stage: str, metrics: dict[str, Any], time_s: float | None = None) -> dict[str, Any]:
+    """One ablation row from a stage's ``metrics.json``: novel / base / all AP50 and AP for the OV-COCO
+    metric; box APr / APc / APf / AP and mask APr / AP for the LVIS one (box metrics under ``bbox``).
+    ``time_s``: the stage's training + evaluation time in this run (None when it finished earlier)."""
+    if isinstance(metrics.get("bbox"), dict):
+        segm = metrics.get("segm") or {}
+        row = {k: metrics["bbox"].get(k) for k in LVIS_KEYS[:4]} | {f"mask_{k}": segm.get(k) for k in ("APr", "AP")}
+    else:
+        row = {k: metrics.get(k) for k in METRIC_KEYS}
+    return {"stage": stage, **row, "time_s": None if time_s is None else round(time_s, 1)}
+
+
 def format_ablation(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the rows (LVIS columns when the first row has ``APr``) with each stage's time."""
+
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    lines = ["| stage | AP50 novel | AP50 base | AP50 all | AP |", "|---|---:|---:|---:|---:|"]
+    keys = LVIS_KEYS if rows and "APr" in rows[0] else METRIC_KEYS
+    lines = [
+        "| stage | " + " | ".join(_HEADERS.get(k, k) for k in keys) + " | time (s) |",
+        "|---|" + "---:|" * (len(keys) + 1),
+    ]
     for r in rows:
-        lines.append(f"| {r['stage']} | " + " | ".join(fmt(r.get(k)) for k in METRIC_KEYS) + " |")
+        time_s = "skipped" if r.get("time_s") is None else f"{r['time_s']:.0f}"
+        lines.append(f"| {r['stage']} | " + " | ".join(fmt(r.get(k)) for k in keys) + f" | {time_s} |")
     return "\n".join(lines)
 
 
 def run_pipeline(
     pipeline_file: str | os.PathLike[str], output_dir: str | os.PathLike[str], overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """Run every stage of a pipeline file; returns ``{"stages": [...], "demo": path, "wall_time_s": t}``."""
+    """Run every stage of a pipeline file; returns ``{"stages": [rows], "prepare_time_s": {step: s},
+    "demo": path, "wall_time_s": t}`` (rows: :func:`stage_row`; ``prepare_time_s``: data, teacher, regions
+    and pseudo labels as spent in this run, near 0 where already done)."""
     from ovd.engine.trainer import train
 
     start = time.perf_counter()
@@ -224,15 +248,21 @@ def run_pipeline(
             raise OVDError(
                 f"init_stage {cfg.init_stage!r} is not a stage of this pipeline", field=f"{stage.name}.init_stage"
             )
+    prep_times: dict[str, float] = {}  # seconds spent in this run on what the stages share
+    t = time.perf_counter()
     for name in {d for c in configs for d in _stage_datasets(c)} - {pipe.pseudo_labels.name}:
         get_dataset(name)  # generates the built-in synthetic data on first use
+    prep_times["data"] = round(time.perf_counter() - t, 1)
     if pipe.teacher:
         from ovd.clip.teacher import ensure_teacher
 
+        t = time.perf_counter()
         ensure_teacher()
+        prep_times["teacher"] = round(time.perf_counter() - t, 1)
     rows = []
     for stage, cfg in zip(pipe.stages, configs, strict=True):
         stage_dir = out / stage.name
+        t0: float | None = None
         if is_finished(stage_dir):
             logger.info("stage %s: finished earlier, skipped", stage.name)
             from ovd.utils.io import read_json
@@ -244,13 +274,18 @@ def run_pipeline(
             named = (cfg.data.sources[0].region_store if cfg.data.sources else cfg.data.region_store) or None
             stage_store = Path(named) if cfg.model.distill.enabled and named else store
             if cfg.model.distill.enabled or pseudo:
+                t = time.perf_counter()
                 ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
-            if pseudo:
+                prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
+            if pseudo and not pseudo_labels_path(out, pipe.pseudo_labels.name).is_file():
+                t = time.perf_counter()
                 ensure_pseudo_labels(pipe, cfg, stage_store, out)
+                prep_times["pseudo_labels"] = round(time.perf_counter() - t, 1)
             logger.info("stage %s: training %s", stage.name, stage.config)
+            t0 = time.perf_counter()
             metrics = train(cfg, stage_dir, resume=True)
-        rows.append({"stage": stage.name, **{k: metrics.get(k) for k in METRIC_KEYS}})
-    result: dict[str, Any] = {"stages": rows}
+        rows.append(stage_row(stage.name, metrics, None if t0 is None else time.perf_counter() - t0))
+    result: dict[str, Any] = {"stages": rows, "prepare_time_s": prep_times}
     if pipe.demo_images > 0:
         result["demo"] = str(_demo(configs[-1], out / pipe.stages[-1].name, out / "demo", pipe))
     result["wall_time_s"] = round(time.perf_counter() - start, 1)

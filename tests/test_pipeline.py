@@ -10,7 +10,7 @@ import yaml
 
 import ovd.engine.trainer as trainer
 from ovd.errors import OVDError
-from ovd.pipeline import load_pipeline, run_pipeline
+from ovd.pipeline import format_ablation, load_pipeline, run_pipeline, stage_row
 
 REPO = Path(__file__).parents[1]
 FAST = [
@@ -79,6 +79,10 @@ def test_pipeline_runs_and_resumes(tmp_path, monkeypatch):
     result = run_pipeline(pipe, out)
     assert calls == ["base", "rkd", "rkd", "pis", "wt"]  # base was not trained again
     assert [r["stage"] for r in result["stages"]] == ["base", "rkd", "pis", "wt"]
+    times = {r["stage"]: r["time_s"] for r in result["stages"]}
+    assert times["base"] is None and all(times[s] > 0 for s in ("rkd", "pis", "wt"))  # base: finished earlier
+    assert set(result["prepare_time_s"]) == {"data", "regions", "pseudo_labels"}  # no teacher step here
+    assert "| base |" in format_ablation(result["stages"]) and "| skipped |" in format_ablation(result["stages"])
     pseudo = json.loads((out / "pseudo_labels" / "ovshapes_small_pseudo.json").read_text())
     assert pseudo["annotations"] and all(len(a["bbox"]) == 4 for a in pseudo["annotations"])
     wt = torch.load(out / "wt" / "model_final.pth", weights_only=False)["model"]
@@ -103,3 +107,63 @@ def test_pipeline_file_errors(tmp_path):
         load_pipeline(bad)
     with pytest.raises(OVDError, match="not found"):
         load_pipeline(tmp_path / "none.yaml")
+
+
+def test_stage_rows_for_both_metrics():
+    ovd_metrics = {"AP50_novel": 12.5, "AP50_base": 40.0, "AP50_all": 30.25, "AP": 20.0, "AP50": 30.25}
+    row = stage_row("base", ovd_metrics, 61.04)
+    assert row == {"stage": "base", **{k: ovd_metrics[k] for k in ("AP50_novel", "AP50_base", "AP50_all", "AP")},
+                   "time_s": 61.0}  # fmt: skip
+    lvis_metrics = {
+        "bbox": {"APr": 1.5, "APc": 11.0, "APf": 18.25, "AP": 11.3, "AP50": 19.4},
+        "segm": {"APr": 1.75, "APc": 11.8, "APf": 19.7, "AP": 12.2},
+        "dataset": "ovshapes_lt_val",
+    }
+    lt = stage_row("rkd", lvis_metrics)
+    assert lt == {"stage": "rkd", "APr": 1.5, "APc": 11.0, "APf": 18.25, "AP": 11.3, "mask_APr": 1.75,
+                  "mask_AP": 12.2, "time_s": None}  # fmt: skip
+    table = format_ablation([lt]).splitlines()
+    assert table[0] == "| stage | APr | APc | APf | AP | mask APr | mask AP | time (s) |"
+    assert table[2] == "| rkd | 1.5 | 11.0 | 18.2 | 11.3 | 1.8 | 12.2 | skipped |"
+    assert format_ablation([row]).splitlines()[2] == "| base | 12.5 | 40.0 | 30.2 | 20.0 | 61 |"
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on NumPy 2
+def test_long_tailed_pipeline_reports_apr(tmp_path):
+    """The OV-LVIS path end to end on OV-Shapes-LT `small`: Mask R-CNN base → regions → pseudo boxes of the
+    image-level labels → RKD → RKD+PIS+WT, each scored with the federated LVIS metric (box and mask APr)."""
+    lt = [*FAST[2:], "data.train=ovshapes_lt_small_train_norare", "data.test=ovshapes_lt_small_val",
+          "model.roi_heads.detections_per_image=20"]  # fmt: skip
+    sources = (
+        "data.sources=[{dataset: ovshapes_lt_small_train_norare, batch_size: 1, ratio: 1},"
+        " {dataset: ovshapes_lt_small_pseudo, supervision: pseudo, batch_size: 2, ratio: 4, min_size: [96],"
+        " max_size: 160}]"
+    )
+    spec = {
+        "stages": [
+            {"name": "base", "config": str(REPO / "configs/ovshapes_lt/base.yaml"), "overrides": lt},
+            {"name": "rkd", "config": str(REPO / "configs/ovshapes_lt/rkd.yaml"), "overrides": lt},
+            {"name": "wt", "config": str(REPO / "configs/ovshapes_lt/rkd_pis_wt.yaml"), "overrides": [*lt, sources]},
+        ],
+        "regions": {"proposals": "base", "k": 3},
+        "pseudo_labels": {
+            "dataset": "ovshapes_lt_small_image_labels",
+            "name": "ovshapes_lt_small_pseudo",
+            "threshold": 0.0,
+        },  # fmt: skip
+        "demo_images": 0,
+    }
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(yaml.safe_dump(spec))
+    result = run_pipeline(pipe, tmp_path / "out")
+    rows = result["stages"]
+    assert [r["stage"] for r in rows] == ["base", "rkd", "wt"]
+    for r in rows:
+        assert all(0.0 <= r[k] <= 100.0 for k in ("APc", "APf", "AP", "mask_AP")), r
+        assert r["APr"] is None or 0.0 <= r["APr"] <= 100.0
+    assert format_ablation(rows).startswith("| stage | APr | APc | APf | AP | mask APr | mask AP |")
+    pseudo = json.loads((tmp_path / "out" / "pseudo_labels" / "ovshapes_lt_small_pseudo.json").read_text())
+    rare = {c["id"] for c in pseudo["categories"] if c.get("frequency") == "r"}
+    assert rare and any(a["category_id"] in rare for a in pseudo["annotations"])  # rare classes get pseudo boxes
+    wt = json.loads((tmp_path / "out" / "wt" / "eval" / "metrics.json").read_text())
+    assert "APr" in wt["segm"] and "fidelity_cosine_novel" in wt

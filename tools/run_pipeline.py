@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['stage']}: {args.output_dir}/{row['stage']}/ (model_final.pth, eval/metrics.json, tensorboard/)")
     if "demo" in result:
         print(f"demo: {result['demo']}/ (annotated images, detections.json)")
-    print(f"wall time: {result['wall_time_s']:.0f} s")
+    prepared = ", ".join(f"{k} {v:.0f} s" for k, v in result["prepare_time_s"].items())
+    print(f"wall time: {result['wall_time_s']:.0f} s (shared steps: {prepared}; stages: the table's last column)")
     return 0
 
 

@@ -35,6 +35,10 @@ It follows the OV-LVIS protocol (METHOD §1.4, §6.2, §6.4) in miniature, on th
   order, with ``name``, ``synonyms``, ``frequency`` and the full train split's ``image_count`` and
   ``instance_count`` (as LVIS's files; training counts must come from the norare annotations).
   There are no captions (OV-LVIS takes image labels from ImageNet-LVIS instead).
+* **Image labels** (``annotations/train_image_labels.json``, derived from ``train.json`` on first use):
+  every train image with ``pos_category_ids`` = the classes drawn in it, rare ones included, and no
+  boxes: the stand-in for ImageNet-LVIS (METHOD §1.4, §4.1), the image-level supervision that names rare
+  classes whose boxes the detector never sees. PIS turns them into pseudo boxes.
 
 Files live under ``root/ovshapes_lt/<preset>/``: ``train/*.png``, ``val/*.png`` and the JSON files, each
 written atomically, ``train_norare.json`` last: its presence means the world is complete.
@@ -99,6 +103,7 @@ TAIL: tuple[tuple[str, str], ...] = (
 """Every class, most frequent first, with its declared LVIS group: 6 frequent, 6 common and 4 rare (LVIS
 v1: 405 / 461 / 337 of 1203). The rare ones are OV-Shapes novel classes."""
 
+IMAGE_LABELS_FILE = "train_image_labels.json"  # derived from train.json when first needed
 ANNOTATION_FILES = ("val.json", "train.json", "train_norare_cat_info.json", "train_norare.json")  # write order
 _STREAM = 100  # seed stream of this world; OV-Shapes uses 0-3
 _SPLITS = {"train": 0, "val": 1}
@@ -512,11 +517,30 @@ def _prepare(preset_name: str, info: DatasetInfo) -> None:
     generate_ovshapes_lt(datasets_root(), preset_name, seed=0)
 
 
+def image_labels(train: dict[str, Any]) -> dict[str, Any]:
+    """The image-label file of a train split: each image of ``train`` (a COCO/LVIS dict with every class
+    annotated) with ``pos_category_ids`` = the sorted ids of its annotated classes; no annotations."""
+    present: dict[int, set[int]] = {img["id"]: set() for img in train["images"]}
+    for ann in train["annotations"]:
+        present[ann["image_id"]].add(int(ann["category_id"]))
+    keys = ("id", "file_name", "height", "width")
+    images = [{**{k: img[k] for k in keys}, "pos_category_ids": sorted(present[img["id"]])} for img in train["images"]]
+    return {"images": images, "categories": train["categories"], "annotations": []}
+
+
+def _prepare_image_labels(preset_name: str, info: DatasetInfo) -> None:
+    """Write the image labels of the train split (generating the world first when missing)."""
+    folder = generate_ovshapes_lt(datasets_root(), preset_name, seed=0)  # returns at once when complete
+    write_json(info.ann_file_path, image_labels(read_json(folder / "annotations" / "train.json")), indent=None)
+
+
 def register_ovshapes_lt() -> None:
-    """Register ``ovshapes_lt_{train_norare,train,val}`` (default preset) and ``ovshapes_lt_small_*``.
+    """Register ``ovshapes_lt_{train_norare,train,val,image_labels}`` (default preset) and
+    ``ovshapes_lt_small_*``.
 
     ``*_train_norare`` is the training set (rare annotations removed), ``*_train`` the full train split
-    (LVIS's ``lvis_v1_train``, for tools and oracles), ``*_val`` the evaluation set. Base = frequent +
+    (LVIS's ``lvis_v1_train``, for tools and oracles), ``*_val`` the evaluation set, ``*_image_labels``
+    the train images' image-level labels (ImageNet-LVIS's part, for PIS). Base = frequent +
     common, novel = rare. Seed 0; each entry generates its world under the datasets root on first use.
     The entries are LVIS-style (``extra["format"] == "lvis"``) and carry masks (``extra["masks"]``).
     Calling it again re-registers the same entries.
@@ -551,3 +575,15 @@ def register_ovshapes_lt() -> None:
                 **common,
             )
             register_dataset(info, overwrite=True)
+        register_dataset(
+            DatasetInfo(
+                name=f"{prefix}_image_labels",
+                image_root=f"{folder}/train",
+                ann_file=f"{folder}/annotations/{IMAGE_LABELS_FILE}",
+                ann_type="image",
+                prepare=functools.partial(_prepare_image_labels, preset),
+                extra={"preset": preset, "format": "lvis"},
+                **common,
+            ),
+            overwrite=True,
+        )

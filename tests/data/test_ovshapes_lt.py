@@ -217,3 +217,25 @@ def test_coco_masks_polygons_rle_and_errors(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(OVDError, match="RLE size"):
         load_coco_json(path, tmp_path, [1, 2], with_masks=True)
+
+
+def test_image_labels_name_every_drawn_class(tmp_path, monkeypatch):
+    """The ImageNet-LVIS stand-in: per train image, exactly the classes drawn in it (rare included)."""
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
+    info = get_dataset("ovshapes_lt_small_image_labels")  # generates the world, then derives the labels
+    assert info.ann_type == "image"
+    train = read_json(tmp_path / "ovshapes_lt" / "small" / "annotations" / "train.json")
+    drawn: dict[int, set[int]] = {img["id"]: set() for img in train["images"]}
+    for ann in train["annotations"]:
+        drawn[ann["image_id"]].add(ann["category_id"])
+    labels = read_json(info.ann_file_path)
+    assert labels["annotations"] == [] and len(labels["images"]) == len(train["images"])
+    for img in labels["images"]:
+        assert img["pos_category_ids"] == sorted(drawn[img["id"]])
+    assert any(set(img["pos_category_ids"]) & RARE_IDS for img in labels["images"])  # rare classes are named
+    records = load_dataset(info)
+    assert [r.image_id for r in records] == [i for i, c in drawn.items() if c]  # label-less images are skipped
+    rec = records[0]
+    assert len(rec.boxes) == 0 and sorted(rec.pos_labels + 1) == sorted(drawn[rec.image_id])
+    first = next(img for img in train["images"] if img["id"] == rec.image_id)
+    assert Path(rec.file_name) == info.image_root_path / first["file_name"]
