@@ -238,9 +238,6 @@ class SolverCfg:
     max_iter: int = 90000
     checkpoint_period: int = 10000  # save every N iterations (and always at the end)
     clip_grad_norm: float = 0.0  # max global gradient norm; 0 = no clipping
-    # LR multiplier of the zero-shot classifier's own parameters (projection, bias; weight transfer's fc1-fc4):
-    # its cosine logits learn slowly from scratch under SGD (OV-Shapes, benchmarks/RESULTS.md); 1 = the reference
-    classifier_lr_factor: float = 1.0
     amp: bool = False  # mixed precision on CUDA (float16 autocast + GradScaler)
 
 

@@ -181,33 +181,15 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
 
 
 def build_optimizer(solver: SolverCfg, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum; normalisation-layer parameters get ``weight_decay_norm``, the zero-shot
-    classifier's own parameters (``roi_heads.classifier``) ``base_lr × classifier_lr_factor``."""
-    if not (solver.classifier_lr_factor > 0 and math.isfinite(solver.classifier_lr_factor)):
-        raise OVDError(
-            f"must be a positive number, got {solver.classifier_lr_factor}", field="solver.classifier_lr_factor"
-        )
-    classifier = getattr(getattr(model, "roi_heads", None), "classifier", None)
-    # its own group only when its LR differs (the same groups as before otherwise, so older checkpoints resume)
-    head = (
-        {id(p) for p in classifier.parameters()}
-        if classifier is not None and solver.classifier_lr_factor != 1
-        else set()
-    )
-    decay, no_decay, head_params = [], [], []
+    """SGD with momentum; normalisation-layer parameters get ``weight_decay_norm``."""
+    decay, no_decay = [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if p.requires_grad:
-                if id(p) in head:
-                    head_params.append(p)
-                else:
-                    (no_decay if isinstance(module, _NORM_TYPES) else decay).append(p)
+                (no_decay if isinstance(module, _NORM_TYPES) else decay).append(p)
     groups = [{"params": decay, "weight_decay": solver.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": solver.weight_decay_norm})
-    if head_params:
-        lr = solver.base_lr * solver.classifier_lr_factor
-        groups.append({"params": head_params, "weight_decay": solver.weight_decay, "lr": lr})
     return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum)
 
 

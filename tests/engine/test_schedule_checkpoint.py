@@ -56,39 +56,3 @@ def test_mismatched_model_state_is_reported():
     extra = {**model.state_dict(), "2.weight": torch.zeros(1)}
     with pytest.raises(OVDError, match="unexpected keys"):
         load_model_state(model, extra, source="x.pth")
-
-
-def _tiny_detector_like() -> nn.Module:
-    """Stand-in with the attributes build_optimizer looks for: roi_heads.classifier, a norm, a frozen weight."""
-    model = nn.Module()
-    model.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4))
-    model.roi_heads = nn.Module()
-    model.roi_heads.fc = nn.Linear(4, 4)
-    model.roi_heads.classifier = nn.Linear(4, 2)
-    model.roi_heads.frozen = nn.Linear(2, 2).requires_grad_(False)
-    return model
-
-
-def test_classifier_lr_factor_groups_and_schedule():
-    from ovd.config import SolverCfg
-    from ovd.engine.trainer import build_optimizer
-
-    model = _tiny_detector_like()
-    plain = build_optimizer(SolverCfg(base_lr=0.02, weight_decay=1e-4), model)
-    assert len(plain.param_groups) == 2  # factor 1: decay + norm groups only, as before the option existed
-    assert sum(len(g["params"]) for g in plain.param_groups) == 8  # every trainable tensor once, frozen left out
-    opt = build_optimizer(SolverCfg(base_lr=0.02, weight_decay=1e-4, classifier_lr_factor=10.0), model)
-    decay, norm, head = opt.param_groups
-    assert {id(p) for p in head["params"]} == {id(p) for p in model.roi_heads.classifier.parameters()}
-    assert head["lr"] == pytest.approx(0.2) and decay["lr"] == pytest.approx(0.02)
-    assert head["weight_decay"] == 1e-4 and norm["weight_decay"] == 0.0
-    assert len(decay["params"]) == 4 and len(norm["params"]) == 2  # conv w+b, fc w+b; GN w+b
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: lr_factor(it, warmup_iters=10, warmup_factor=0.001, steps=[20], gamma=0.1)
-    )
-    for _ in range(25):
-        opt.step()
-        sched.step()
-    assert head["lr"] == pytest.approx(0.02) and decay["lr"] == pytest.approx(0.002)  # both follow the schedule
-    with pytest.raises(OVDError, match="classifier_lr_factor"):
-        build_optimizer(SolverCfg(classifier_lr_factor=0.0), model)
