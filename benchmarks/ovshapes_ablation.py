@@ -1,5 +1,6 @@
-"""The OV-Shapes ablation over several seeds: runs the main-job pipeline once per seed and tabulates
-novel / base / all AP50 per stage as mean ± std (issues #3, #4, #5).
+"""The OV-Shapes ablation over several seeds: runs a pipeline once per seed (default
+``configs/ovshapes/ablation.yaml``: the main job's stages plus the box-only control ``base_continued``) and
+tabulates novel / base / all AP50 per stage as mean ± std (issues #3, #4, #5).
 
 Each seed is a separate ``tools/run_pipeline.py`` process (``seed=N`` applies to every stage: model
 init, data order, augmentation); the dataset and the CLIP teacher are shared (the teacher stands for
@@ -94,7 +95,9 @@ def table(root: Path, seeds: list[int]) -> tuple[str, list[str]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--config", default="configs/ovshapes/pipeline.yaml")
+    p.add_argument(
+        "--config", default="configs/ovshapes/ablation.yaml", help="pipeline file (default: the main job + control)"
+    )
     p.add_argument("--root", type=Path, default=Path("output/ablation"))
     p.add_argument("--parallel", type=int, default=1, help="seeds run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")

@@ -1,6 +1,7 @@
 """Config schema: inheritance, overrides, unknown keys, type errors, round trip."""
 
 import pytest
+import yaml
 
 from ovd.config import Config, config_from_yaml, config_to_yaml, load_config, save_config
 from ovd.errors import OVDError
@@ -79,7 +80,7 @@ def test_every_shipped_recipe_and_pipeline_loads():
     files = sorted(root.rglob("*.yaml"))
     assert len(files) >= 20
     for f in files:
-        if f.name == "pipeline.yaml":
+        if "stages" in (yaml.safe_load(f.read_text()) or {}):  # a pipeline file (pipeline.yaml, ablation.yaml)
             pipe = load_pipeline(f)
             for stage in pipe.stages:
                 assert (f.parent / stage.config).is_file(), (f, stage.config)
@@ -96,3 +97,17 @@ def test_every_shipped_recipe_and_pipeline_loads():
                     sample_style=cfg.input.min_size_train_sampling,
                     flip_prob=cfg.input.flip_prob,
                 )
+
+
+def test_ovshapes_ablation_is_the_main_job_plus_the_control():
+    """benchmarks/ovshapes_ablation.py's pipeline must not drift from the main job's."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ovd.pipeline import load_pipeline
+
+    root = Path(__file__).parents[1] / "configs" / "ovshapes"
+    main, ablation = load_pipeline(root / "pipeline.yaml"), load_pipeline(root / "ablation.yaml")
+    control = [s for s in ablation.stages if s.name == "base_continued"]
+    assert [s.config for s in control] == ["base_continued.yaml"]
+    assert replace(ablation, stages=[s for s in ablation.stages if s.name != "base_continued"]) == main
