@@ -27,9 +27,9 @@ from ovd.utils.io import write_json
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP")  # OV-COCO-style rows
-LVIS_KEYS = ("APr", "APc", "APf", "AP", "mask_APr", "mask_AP")  # LVIS-style rows: box metrics, then mask ones
-_HEADERS = {"AP50_novel": "AP50 novel", "AP50_base": "AP50 base", "AP50_all": "AP50 all", "mask_APr": "mask APr",
-            "mask_AP": "mask AP"}  # fmt: skip
+LVIS_BOX_KEYS = ("APr", "APc", "APf", "AP")  # LVIS-style rows: these box metrics ...
+LVIS_MASK_KEYS = ("APr", "AP")  # ... then these mask ones, as mask_APr, mask_AP
+LVIS_KEYS = (*LVIS_BOX_KEYS, *(f"mask_{k}" for k in LVIS_MASK_KEYS))
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def stage_row(stage: str, metrics: dict[str, Any], time_s: float | None = None) 
     ``time_s``: the stage's training + evaluation time in this run (None when it finished earlier)."""
     if isinstance(metrics.get("bbox"), dict):
         segm = metrics.get("segm") or {}
-        row = {k: metrics["bbox"].get(k) for k in LVIS_KEYS[:4]} | {f"mask_{k}": segm.get(k) for k in ("APr", "AP")}
+        row = {k: metrics["bbox"].get(k) for k in LVIS_BOX_KEYS} | {f"mask_{k}": segm.get(k) for k in LVIS_MASK_KEYS}
     else:
         row = {k: metrics.get(k) for k in METRIC_KEYS}
     return {"stage": stage, **row, "time_s": None if time_s is None else round(time_s, 1)}
@@ -216,7 +216,7 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
 
     keys = LVIS_KEYS if rows and "APr" in rows[0] else METRIC_KEYS
     lines = [
-        "| stage | " + " | ".join(_HEADERS.get(k, k) for k in keys) + " | time (s) |",
+        "| stage | " + " | ".join(k.replace("_", " ") for k in keys) + " | time (s) |",
         "|---|" + "---:|" * (len(keys) + 1),
     ]
     for r in rows:
@@ -277,10 +277,10 @@ def run_pipeline(
                 t = time.perf_counter()
                 ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
                 prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
-            if pseudo and not pseudo_labels_path(out, pipe.pseudo_labels.name).is_file():
+            if pseudo:
                 t = time.perf_counter()
                 ensure_pseudo_labels(pipe, cfg, stage_store, out)
-                prep_times["pseudo_labels"] = round(time.perf_counter() - t, 1)
+                prep_times.setdefault("pseudo_labels", round(time.perf_counter() - t, 1))
             logger.info("stage %s: training %s", stage.name, stage.config)
             t0 = time.perf_counter()
             metrics = train(cfg, stage_dir, resume=True)
