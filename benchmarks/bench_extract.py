@@ -40,16 +40,22 @@ from ovd.distill import FileProposals, RegionStore, extract_region_embeddings, w
 from ovd.structures import ImageRecord
 
 
-def make_images(root: Path, n: int, width: int, height: int, seed: int) -> tuple[list[ImageRecord], Path]:
-    """``n`` JPEGs with smooth content plus noise, and 5 random boxes per image as a COCO results file."""
+def make_images(
+    root: Path, n: int, width: int, height: int, seed: int, unique: int = 1000
+) -> tuple[list[ImageRecord], Path]:
+    """``n`` JPEGs with smooth content plus noise (the first ``unique`` generated, the rest copies of
+    them: decoding costs the same), and 5 random boxes per image as a COCO results file."""
     rng = np.random.default_rng(seed)
     records, results = [], []
     for i in range(n):
-        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        img = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
-        img = np.clip(img + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
         path = root / f"{i:06d}.jpg"
-        cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if i >= unique:
+            shutil.copyfile(root / f"{i % unique:06d}.jpg", path)
+        else:
+            small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            img = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+            img = np.clip(img + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
         records.append(ImageRecord(image_id=i + 1, file_name=str(path), height=height, width=width))
         for _ in range(5):
             w, h = rng.uniform(0.05, 0.9) * width, rng.uniform(0.05, 0.9) * height
@@ -216,8 +222,9 @@ def report(args, rows, store, gen_s, total_s) -> str:
         f"- Data: synthetic 640x480 JPEGs (generated in {gen_s:.1f} s), 5 random boxes per image, NMS 0.5, K=5; "
         f"CLIP batch {args.batch_size}, {args.workers} DataLoader workers, chunk {args.chunk_size}.",
         "- ovd = `extract_region_embeddings` end to end (decode, crop, encode, part files, merge); resize "
-        "`pil`: crops resized by PIL in the workers, `tensor`: workers decode, crops resized by torch on the "
-        "CLIP device. "
+        "`pil`: crops resized by PIL in the workers, `tensor`: workers decode, crops resized one by one by torch "
+        "on the CLIP device, `batched`: workers decode, all crops of a worker task made by batched matrix products on "
+        "the CLIP device. "
         "(a) = reference loop: PIL open, per box crop + `preprocess` + batch-1 `encode_image`. "
         "(b) = `encode_images` alone on crops already preprocessed in memory (upper bound).",
         "",
@@ -264,8 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["ovd-tiny", "ViT-B-32"], help="open_clip architectures")
     p.add_argument("--device", default="cpu", help="where CLIP runs: cpu or cuda")
     p.add_argument(
-        "--backends", nargs="+", default=["auto"], help="resize backends of the ovd runs (auto, pil, tensor)"
+        "--backends", nargs="+", default=["auto"], help="resize backends of the ovd runs (auto, pil, tensor, batched)"
     )
+    p.add_argument("--unique-images", type=int, default=1000, help="distinct JPEGs generated (the rest are copies)")
     p.add_argument("--output", help="write the markdown report here")
     args = p.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         t = time.perf_counter()
         n_max = max(args.tiny_images if "ovd-tiny" in args.models else 0, args.vit_images)
-        records, props = make_images(work, n_max, 640, 480, seed=0)
+        records, props = make_images(work, n_max, 640, 480, seed=0, unique=args.unique_images)
         gen_s = time.perf_counter() - t
         rows = []
         for name in args.models:

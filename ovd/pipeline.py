@@ -2,13 +2,16 @@
 
 A pipeline file (``configs/*/pipeline.yaml``) lists detector stages, each a recipe in ``configs/``;
 a recipe names the stage it starts from with ``init_stage``. Running a pipeline again skips
-finished stages (those with ``eval/metrics.json``) and resumes the first unfinished one from its
-last checkpoint.
+finished stages (those with ``eval/metrics.json``) and resumes unfinished ones from their last
+checkpoint. With ``parallel_stages: N`` up to N stages whose start points are done train at once,
+each in its own process (stages are seeded, so the numbers are those of a sequential run).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -69,6 +72,7 @@ class PipelineCfg:
     teacher: bool = False  # train the OV-Shapes CLIP teacher first when it is missing
     demo_images: int = 4  # validation images the final model is demonstrated on (0 = no demo)
     demo_confidence: float = 0.3  # score threshold of the demo drawings
+    parallel_stages: int = 1  # stages trained at once, each in its own process, once their init stages are done
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
@@ -91,6 +95,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
     names = [s.name for s in cfg.stages]
     if not names or len(set(names)) != len(names) or "" in names:
         raise OVDError("stages need unique, non-empty names", path=path, field="stages")
+    if cfg.parallel_stages < 1:
+        raise OVDError(f"must be >= 1, got {cfg.parallel_stages}", path=path, field="parallel_stages")
     return cfg
 
 
@@ -225,18 +231,60 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _stage_process(cfg: Config, stage_dir: Path, pipe: PipelineCfg, output_dir: Path, threads: int) -> None:
+    """Entry point of a stage trained in its own (spawned) process."""
+    import torch
+
+    from ovd.engine.trainer import train
+    from ovd.utils.cli import setup_logging
+
+    setup_logging()
+    register_pseudo_dataset(pipe, output_dir)  # the catalog entry lives in the parent's memory only
+    if cfg.num_threads <= 0:  # "all cores" would oversubscribe the CPUs shared with sibling stages
+        torch.set_num_threads(threads)
+    train(cfg, stage_dir, resume=True)
+
+
+def _dependencies(pipe: PipelineCfg, cfg: Config, needs_regions: bool) -> set[str]:
+    """Stages that must be finished before this one starts: its init stage and, when it reads the
+    region store or pseudo labels, the stage that proposes the regions."""
+    deps = {cfg.init_stage} if cfg.init_stage else set()
+    if needs_regions and pipe.regions.proposals and not pipe.regions.proposals.endswith(".json"):
+        deps.add(pipe.regions.proposals)
+    return deps
+
+
 def run_pipeline(
-    pipeline_file: str | os.PathLike[str], output_dir: str | os.PathLike[str], overrides: list[str] | None = None
+    pipeline_file: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    *,
+    parallel_stages: int | None = None,
 ) -> dict[str, Any]:
     """Run every stage of a pipeline file; returns ``{"stages": [rows], "prepare_time_s": {step: s},
-    "demo": path, "wall_time_s": t}`` (rows: :func:`stage_row`; ``prepare_time_s``: data, teacher, regions
-    and pseudo labels as spent in this run, near 0 where already done)."""
-    from ovd.engine.trainer import train
+    "demo": path, "wall_time_s": t}`` (rows: :func:`stage_row`, in the file's order; ``prepare_time_s``:
+    data, teacher, regions and pseudo labels as spent in this run, near 0 where already done).
+
+    Stages start in the file's order as soon as the stages they depend on (``init_stage``, and the
+    region proposer for stages that read regions or pseudo labels) are finished, up to
+    ``parallel_stages`` at once; the shared region store and pseudo labels are made in this process
+    before the first stage that reads them starts. With ``parallel_stages: 1`` every stage trains in
+    this process. The ``parallel_stages`` argument, when given, replaces the file's value.
+
+    Raises:
+        OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, or a
+            stage process that failed (after the other running stages finish; a rerun resumes them).
+    """
+    from ovd.engine import trainer
 
     start = time.perf_counter()
     pipeline_file = Path(pipeline_file)
     out = Path(output_dir)
     pipe = load_pipeline(pipeline_file)
+    if parallel_stages is not None:
+        if parallel_stages < 1:
+            raise OVDError(f"must be >= 1, got {parallel_stages}", field="parallel_stages")
+        pipe = replace(pipe, parallel_stages=parallel_stages)
     register_pseudo_dataset(pipe, out)
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
     regions_dataset = pipe.regions.dataset or first.data.train
@@ -259,32 +307,96 @@ def run_pipeline(
         t = time.perf_counter()
         ensure_teacher()
         prep_times["teacher"] = round(time.perf_counter() - t, 1)
-    rows = []
-    for stage, cfg in zip(pipe.stages, configs, strict=True):
-        stage_dir = out / stage.name
-        t0: float | None = None
-        if is_finished(stage_dir):
-            logger.info("stage %s: finished earlier, skipped", stage.name)
-            from ovd.utils.io import read_json
 
-            metrics = read_json(stage_dir / "eval" / "metrics.json")
-        else:
-            pseudo = bool(pipe.pseudo_labels.dataset) and _uses_pseudo_labels(cfg, pipe.pseudo_labels.name)
-            # a recipe may name its own store (e.g. under $OVD_DATASETS); the pipeline fills it there
-            named = (cfg.data.sources[0].region_store if cfg.data.sources else cfg.data.region_store) or None
-            stage_store = Path(named) if cfg.model.distill.enabled and named else store
-            if cfg.model.distill.enabled or pseudo:
-                t = time.perf_counter()
-                ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
-                prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
-            if pseudo:
-                t = time.perf_counter()
-                ensure_pseudo_labels(pipe, cfg, stage_store, out)
-                prep_times.setdefault("pseudo_labels", round(time.perf_counter() - t, 1))
-            logger.info("stage %s: training %s", stage.name, stage.config)
+    def prepare(cfg: Config) -> None:
+        """The region store and pseudo labels ``cfg`` reads (made once, by the first stage needing them),
+        computed with the stage's thread count and seed, whatever ran in this process before: float
+        sums (hence near-tied pseudo boxes) depend on the threads, a random-init CLIP on the seed."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                _prepare(cfg)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _prepare(cfg: Config) -> None:
+        pseudo = bool(pipe.pseudo_labels.dataset) and _uses_pseudo_labels(cfg, pipe.pseudo_labels.name)
+        # a recipe may name its own store (e.g. under $OVD_DATASETS); the pipeline fills it there
+        named = (cfg.data.sources[0].region_store if cfg.data.sources else cfg.data.region_store) or None
+        stage_store = Path(named) if cfg.model.distill.enabled and named else store
+        if cfg.model.distill.enabled or pseudo:
+            t = time.perf_counter()
+            ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
+            prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
+        if pseudo:
+            t = time.perf_counter()
+            ensure_pseudo_labels(pipe, cfg, stage_store, out)
+            prep_times.setdefault("pseudo_labels", round(time.perf_counter() - t, 1))
+
+    def needs_regions(cfg: Config) -> bool:
+        return cfg.model.distill.enabled or (
+            bool(pipe.pseudo_labels.dataset) and _uses_pseudo_labels(cfg, pipe.pseudo_labels.name)
+        )
+
+    names = [s.name for s in pipe.stages]
+    deps = {s.name: _dependencies(pipe, c, needs_regions(c)) for s, c in zip(pipe.stages, configs, strict=True)}
+    times: dict[str, float | None] = {n: None for n in names}
+    pending = [n for n in names if not is_finished(out / n)]
+    for n in names:
+        if n not in pending:
+            logger.info("stage %s: finished earlier, skipped", n)
+    running: dict[str, tuple[Any, float]] = {}  # stage -> (process, start time)
+    failed: list[str] = []
+    ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and loader state
+    threads = max(1, (os.cpu_count() or 1) // pipe.parallel_stages)
+    while pending or running:
+        ready = [] if failed else [n for n in pending if all(is_finished(out / d) for d in deps[n])]
+        for n in ready[: pipe.parallel_stages - len(running)]:
+            i = names.index(n)
+            pending.remove(n)
+            prepare(configs[i])
+            logger.info("stage %s: training %s", n, pipe.stages[i].config)
             t0 = time.perf_counter()
-            metrics = train(cfg, stage_dir, resume=True)
-        rows.append(stage_row(stage.name, metrics, None if t0 is None else time.perf_counter() - t0))
+            if pipe.parallel_stages == 1:
+                trainer.train(configs[i], out / n, resume=True)
+                times[n] = time.perf_counter() - t0
+                break  # re-evaluate what is ready
+            proc = ctx.Process(target=_stage_process, args=(configs[i], out / n, pipe, out, threads), name=f"stage-{n}")
+            proc.start()
+            running[n] = (proc, t0)
+        if not running:
+            if pending and not ready:
+                if failed:
+                    break
+                raise OVDError(
+                    f"stages {', '.join(pending)} wait for stages that never finish (a dependency cycle?)",
+                    field="stages",
+                )
+            continue
+        multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
+        for n, (proc, t0) in list(running.items()):
+            if proc.exitcode is None:
+                continue
+            proc.join()
+            del running[n]
+            times[n] = time.perf_counter() - t0
+            if proc.exitcode != 0 or not is_finished(out / n):
+                failed.append(n)
+                logger.error("stage %s failed (exit code %s)", n, proc.exitcode)
+    if failed:
+        raise OVDError(
+            f"stage(s) {', '.join(failed)} failed (see the log above); finished stages are kept, and the same "
+            "command resumes the rest",
+            path=out,
+        )
+    from ovd.utils.io import read_json
+
+    rows = [stage_row(n, read_json(out / n / "eval" / "metrics.json"), times[n]) for n in names]
     result: dict[str, Any] = {"stages": rows, "prepare_time_s": prep_times}
     if pipe.demo_images > 0:
         result["demo"] = str(_demo(configs[-1], out / pipe.stages[-1].name, out / "demo", pipe))

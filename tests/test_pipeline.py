@@ -42,7 +42,7 @@ SOURCES = (
 )
 
 
-def _pipeline_file(tmp_path: Path) -> Path:
+def _pipeline_file(tmp_path: Path, **extra) -> Path:
     spec = {
         "stages": [
             {"name": "base", "config": str(REPO / "configs/ovshapes/base.yaml"), "overrides": FAST},
@@ -53,6 +53,7 @@ def _pipeline_file(tmp_path: Path) -> Path:
         "regions": {"proposals": "base", "k": 3},
         "pseudo_labels": {"dataset": "ovshapes_small_captions", "name": "ovshapes_small_pseudo", "threshold": 0.0},
         "demo_images": 1,
+        **extra,
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -95,6 +96,36 @@ def test_pipeline_runs_and_resumes(tmp_path, monkeypatch):
     assert {"fidelity_cosine_base", "fidelity_agreement_novel", "fidelity_teacher_acc_novel"} <= set(rkd)
     assert -1.0 <= rkd["fidelity_cosine_base"] <= 1.0
     assert (out / "demo" / "detections.json").is_file()
+
+
+def test_parallel_stages_give_the_sequential_numbers(tmp_path):
+    """rkd and pis both start from base: with two stage processes they train at once; every number
+    equals the sequential run's, and a stage process that fails is named after the others finish."""
+    (tmp_path / "seq").mkdir()
+    parallel_dir = tmp_path / "par"
+    parallel_dir.mkdir()
+    sequential = run_pipeline(_pipeline_file(tmp_path / "seq"), tmp_path / "seq" / "out")
+    result = run_pipeline(_pipeline_file(parallel_dir, parallel_stages=2), parallel_dir / "out")
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert drop_time(result["stages"]) == drop_time(sequential["stages"])
+    assert all(r["time_s"] > 0 for r in result["stages"])
+    for stage in ("base", "rkd", "pis", "wt"):
+        a = torch.load(tmp_path / "seq" / "out" / stage / "model_final.pth", weights_only=False)["model"]
+        b = torch.load(parallel_dir / "out" / stage / "model_final.pth", weights_only=False)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+    spec = yaml.safe_load((parallel_dir / "pipeline.yaml").read_text())
+    spec["stages"].insert(
+        1, {**spec["stages"][0], "name": "broken", "overrides": [*FAST, "init_weights=/nonexistent.pth"]}
+    )
+    (parallel_dir / "broken.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OVDError, match=r"stage\(s\) broken failed"):
+        run_pipeline(parallel_dir / "broken.yaml", parallel_dir / "out")
+    assert not (parallel_dir / "out" / "broken" / "model_final.pth").exists()
+    with pytest.raises(OVDError, match="parallel_stages: must be >= 1"):
+        run_pipeline(_pipeline_file(tmp_path, parallel_stages=0), tmp_path / "x")
+    with pytest.raises(OVDError, match="parallel_stages: must be >= 1, got -1"):
+        run_pipeline(_pipeline_file(tmp_path), tmp_path / "x", parallel_stages=-1)
 
 
 def test_pipeline_file_errors(tmp_path):

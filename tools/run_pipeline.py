@@ -3,7 +3,8 @@
     python tools/run_pipeline.py --config-file configs/ovshapes/pipeline.yaml --output-dir output/ovshapes
 
 Finished stages are skipped and an interrupted stage resumes from its last checkpoint, so the same
-command continues a killed run.
+command continues a killed run. ``--parallel-stages N`` trains up to N stages at once (each in its own
+process) once the stages they start from are done; the numbers are those of a sequential run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="pipeline YAML listing the stages")
     parser.add_argument("--output-dir", default="output/ovshapes", help="one sub-folder per stage goes here")
+    parser.add_argument(
+        "--parallel-stages", type=int, help="stages trained at once (default: the pipeline file's parallel_stages)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage's recipe")
     args = parser.parse_args(argv)
     setup_logging()
-    result = run_pipeline(args.config_file, args.output_dir, args.overrides)
+    result = run_pipeline(args.config_file, args.output_dir, args.overrides, parallel_stages=args.parallel_stages)
     print(format_ablation(result["stages"]))
     print(f"\nablation table: {args.output_dir}/ablation.json")
     for row in result["stages"]:

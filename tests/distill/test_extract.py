@@ -119,12 +119,48 @@ def test_crop_preprocess_equals_torchvision_on_pil(clip):
     for rect in rects:
         diff = np.abs(prep.crop_resize_tensor(tensor, rect).permute(1, 2, 0).numpy() - prep.crop_resize(image, rect))
         assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (rect, diff.mean())
+    # the batched backend's matrix products give the tensor backend's numbers (a rounding flip at most)
+    # (several images of different sizes, one without rectangles, in one call)
+    small = tensor[:, 20:75, 30:]  # (3, 55, 100)
+    small_rects = [(0, 0, 100, 55), (60, 10, 99, 54)]
+    none = np.zeros((0, 4), dtype=np.int64)
+    made = extract_mod.batched_crop_resize(
+        [tensor, small, small], [np.array(rects), none, np.array(small_rects)], prep
+    )  # (n, 3, 64, 64)
+    expected = [prep.crop_resize_tensor(tensor, r) for r in rects] + [
+        prep.crop_resize_tensor(small, r) for r in small_rects
+    ]
+    assert made.shape == (len(expected), 3, 64, 64)
+    for crop, ref in zip(made, expected, strict=True):
+        diff = (crop - ref).abs()
+        assert diff.max() <= 1 and diff.mean() < 1e-3, diff.max()
+    assert extract_mod.batched_crop_resize([tensor], [none], prep).shape == (0, 3, 64, 64)
     # float boxes: corners rounded half up, never empty, inside the image
     assert crop_box_pixels(np.array([1.5, 2.49, 2.5, 3.51]), 10, 10) == (2, 2, 3, 4)
     assert crop_box_pixels(np.array([9.7, 0.0, 10.0, 0.2]), 10, 10) == (9, 0, 10, 1)
 
 
-@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_resize_weights_hand_values():
+    t = lambda *v: torch.tensor(v)  # noqa: E731
+    # length 4 -> 2, antialiased bilinear: scale 2, support 2, taps (j + 0.5 - c) / 2 -> 3/7, 3/7, 1/7
+    w = extract_mod.resize_weights(t(0), t(4), t(2), t(0), 2, 4, "bilinear")[0]  # (2, 4)
+    np.testing.assert_allclose(w.numpy(), [[3 / 7, 3 / 7, 1 / 7, 0], [0, 1 / 7, 3 / 7, 3 / 7]], rtol=1e-6)
+    # the same crop at image offset 3 of a 9-px axis, keeping resized pixel 1 only
+    w = extract_mod.resize_weights(t(3), t(4), t(2), t(1), 1, 9, "bilinear")[0]  # (1, 9)
+    np.testing.assert_allclose(w.numpy(), [[0, 0, 0, 0, 1 / 7, 3 / 7, 3 / 7, 0, 0]], rtol=1e-6, atol=1e-7)
+    # same length: the identity (bicubic taps at integer offsets are 1, 0, 0)
+    w = extract_mod.resize_weights(t(0), t(5), t(5), t(0), 5, 5, "bicubic")[0]
+    np.testing.assert_allclose(w.numpy(), np.eye(5), atol=1e-7)
+    # against torch's antialiased interpolate along one axis (down, up, same size)
+    x = torch.randn(1, 1, 64, 5, generator=torch.Generator().manual_seed(0))  # (1, 1, H, 5)
+    for n_in, n_out in ((37, 11), (7, 19), (64, 64)):
+        for mode in ("bicubic", "bilinear"):
+            ref = torch.nn.functional.interpolate(x[:, :, :n_in], size=(n_out, 5), mode=mode, antialias=True)[0, 0]
+            w = extract_mod.resize_weights(t(0), t(n_in), t(n_out), t(0), n_out, n_in, mode)[0]  # (n_out, n_in)
+            np.testing.assert_allclose((w @ x[0, 0, :n_in]).numpy(), ref.numpy(), atol=1e-5, err_msg=f"{n_in}->{n_out}")
+
+
+@pytest.mark.parametrize("backend", ["pil", "tensor", "batched"])
 def test_batched_embeddings_match_open_clip_per_crop(data, clip, tmp_path, backend):
     records, props = data
     out = _extract(
@@ -269,20 +305,24 @@ def test_source_that_needs_images_and_resumes(data, clip, tmp_path):
     assert store.metadata["proposals"]["kind"] == "test-half-boxes" and emb.shape == (2, 64)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_unreadable_image_names_the_file(data, clip, tmp_path, num_workers):
+@pytest.mark.parametrize(("num_workers", "backend"), [(0, "pil"), (1, "pil"), (1, "batched")])
+def test_unreadable_image_names_the_file(data, clip, tmp_path, num_workers, backend):
     records, props = data
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image")
-    broken = [*records[:4], ImageRecord(image_id=101, file_name=str(bad), height=50, width=60), *records[5:]]
-    broken[1] = ImageRecord(image_id=999, file_name=records[1].file_name, height=1, width=1)  # no proposals
-    with pytest.raises(OVDError, match=r"broken.png: cannot decode image") as info:
-        _extract(broken, props, clip, tmp_path / "s", num_workers=num_workers, chunk_size=10)
-    assert info.value.path == str(bad)
-    assert not store_is_complete(tmp_path / "s")
-    wrong_size = [*records[:1], ImageRecord(image_id=101, file_name=records[1].file_name, height=300, width=400)]
-    with pytest.raises(OVDError, match="but the annotation file says 300x400"):
-        _extract(wrong_size, props, clip, tmp_path / "t")
+    for name, content in (("broken.png", b"not an image"), ("broken.jpg", b"\xff\xd8\xff\xe0 truncated")):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        broken = [*records[:4], ImageRecord(image_id=101, file_name=str(bad), height=50, width=60), *records[5:]]
+        broken[1] = ImageRecord(image_id=999, file_name=records[1].file_name, height=1, width=1)  # no proposals
+        out = tmp_path / f"s_{name}"
+        with pytest.raises(OVDError, match=rf"{name}: cannot decode image") as info:
+            _extract(broken, props, clip, out, num_workers=num_workers, chunk_size=10, resize_backend=backend)
+        assert info.value.path == str(bad)
+        assert not store_is_complete(out)
+    # records[0] is a JPEG, records[1] a PNG
+    for rec in records[:2]:
+        wrong_size = [ImageRecord(image_id=rec.image_id, file_name=rec.file_name, height=300, width=400)]
+        with pytest.raises(OVDError, match="but the annotation file says 300x400"):
+            _extract(wrong_size, props, clip, tmp_path / f"t{rec.image_id}", resize_backend=backend)
 
 
 def test_bad_arguments(data, clip, tmp_path):

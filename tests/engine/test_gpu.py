@@ -98,3 +98,44 @@ def test_cuda_pipeline_amp(tmp_path):
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
         metrics = json.loads((tmp_path / "out" / name / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["AP50_all"] <= 100.0
+
+
+def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
+    """Batched matrix crops on the GPU give the CPU PIL backend's embeddings."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    from ovd.clip import create_clip
+    from ovd.distill import FileProposals, RegionStore, extract_region_embeddings
+    from ovd.structures import ImageRecord
+
+    rng = np.random.default_rng(0)
+    records, results = [], []
+    for i in range(12):
+        h, w = (int(v) for v in rng.integers(120, 400, 2))
+        img = cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        path = tmp_path / f"{i}.{'jpg' if i % 4 else 'png'}"  # JPEGs and PNGs
+        cv2.imwrite(str(path), img)
+        records.append(ImageRecord(image_id=i + 1, file_name=str(path), height=h, width=w))
+        for _ in range(6):
+            bw, bh = rng.uniform(2, w), rng.uniform(2, h)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            results.append({"image_id": i + 1, "bbox": [x, y, bw, bh], "score": float(rng.random())})
+    props = tmp_path / "props.json"
+    props.write_text(json.dumps(results))
+    torch.manual_seed(0)
+    cpu_clip = create_clip("ovd-tiny", None)
+    gpu_clip = create_clip("ovd-tiny", None, device="cuda")
+    gpu_clip.model.load_state_dict(cpu_clip.model.state_dict())
+    kw = {"batch_size": 16, "num_workers": 2, "chunk_size": 5, "progress": False}
+    ref = RegionStore.open(extract_region_embeddings(records, FileProposals(props), cpu_clip, tmp_path / "cpu", **kw))
+    out = RegionStore.open(extract_region_embeddings(records, FileProposals(props), gpu_clip, tmp_path / "gpu", **kw))
+    assert out.metadata["crop_preprocess"]["backend"] == "batched"  # the default on a GPU
+    for rec in records:
+        boxes_ref, emb_ref = ref.lookup(rec.image_id)
+        boxes, emb = out.lookup(rec.image_id)
+        np.testing.assert_array_equal(boxes, boxes_ref)
+        cos = (emb.astype(np.float32) * emb_ref.astype(np.float32)).sum(axis=1)
+        assert cos.min() >= 0.99, (rec.file_name, cos.min())
