@@ -223,8 +223,8 @@ def report(args, rows, store, gen_s, total_s) -> str:
         f"CLIP batch {args.batch_size}, {args.workers} DataLoader workers, chunk {args.chunk_size}.",
         "- ovd = `extract_region_embeddings` end to end (decode, crop, encode, part files, merge); resize "
         "`pil`: crops resized by PIL in the workers, `tensor`: workers decode, crops resized one by one by torch "
-        "on the CLIP device, `batched`: workers decode, all crops of a worker task made by batched matrix products on "
-        "the CLIP device. "
+        "on the CLIP device, `batched`: workers decode into one zero-padded batch, every crop made by two "
+        "batched matrix products on the CLIP device. "
         "(a) = reference loop: PIL open, per box crop + `preprocess` + batch-1 `encode_image`. "
         "(b) = `encode_images` alone on crops already preprocessed in memory (upper bound).",
         "",

@@ -32,10 +32,17 @@ KEYS = ("AP50_novel", "AP50_base", "AP50_all")
 
 
 def run_seeds(
-    seeds: list[int], root: Path, config: str, parallel: int, threads: int, overrides: list[str], stages: int = 1
+    seeds: list[int],
+    root: Path,
+    config: str,
+    parallel: int,
+    threads: int,
+    overrides: list[str],
+    stages: int | None = None,
 ) -> dict[int, float]:
     """Run the pipeline of every seed (``parallel`` at a time, each with ``stages`` stage processes at
-    once), ``overrides`` applied to every stage; returns each seed's wall time (s)."""
+    once; None: the pipeline file's ``parallel_stages``), ``overrides`` applied to every stage; returns
+    each seed's wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending, running, walls = list(seeds), {}, {}
     while pending or running:
@@ -44,7 +51,8 @@ def run_seeds(
             out = root / f"seed{seed}"
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(REPO / "tools/run_pipeline.py"), "--config-file", config,
-                   "--output-dir", str(out), "--parallel-stages", str(stages), f"seed={seed}", *overrides]  # fmt: skip
+                   "--output-dir", str(out), *([] if stages is None else ["--parallel-stages", str(stages)]),
+                   f"seed={seed}", *overrides]  # fmt: skip
             log = open(out / "pipeline.log", "w")  # noqa: SIM115 (closed when the process ends)
             running[seed] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log,
                              time.perf_counter())  # fmt: skip
@@ -101,7 +109,7 @@ def main() -> int:
     p.add_argument("--root", type=Path, default=Path("output/ablation"))
     p.add_argument("--parallel", type=int, default=1, help="seeds run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--parallel-stages", type=int, default=1, help="stages of one seed trained at once")
+    p.add_argument("--parallel-stages", type=int, help="stages of one seed trained at once (default: the file's)")
     p.add_argument("--output", type=Path, help="markdown file to write")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every stage of every seed")
     args = p.parse_args()

@@ -62,6 +62,7 @@ class PseudoLabelsCfg:
     score: str = "softmax"  # how a region is scored for a label: softmax (over the vocabulary) | cosine
     threshold: float = 0.3  # a label keeps its best region only when that region's score exceeds this
     logit_scale: float = 100.0  # softmax scale over the vocabulary (CLIP's learnt scale is 100)
+    own_regions: bool = False  # labels of other images than the regions dataset's (ImageNet): a store of their own
 
 
 @dataclass(frozen=True)
@@ -100,14 +101,25 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
     return cfg
 
 
-def stage_config(pipeline_file: Path, stage: StageCfg, output_dir: Path, extra: list[str], store: Path) -> Config:
+def stage_config(
+    pipeline_file: Path,
+    stage: StageCfg,
+    output_dir: Path,
+    extra: list[str],
+    store: Path,
+    source_stores: dict[str, Path] | None = None,
+) -> Config:
     """The recipe of ``stage`` with ``init_stage`` resolved into ``init_weights`` and, for a
-    distillation recipe, the pipeline's region ``store`` wherever the recipe names none."""
+    distillation recipe, the pipeline's region ``store`` wherever the recipe names none (the store of
+    ``source_stores[dataset]`` for a source of that dataset: images of their own)."""
     cfg = load_config(pipeline_file.parent / stage.config, [*stage.overrides, *extra])
     if cfg.init_stage:
         cfg = replace(cfg, init_weights=str(output_dir / cfg.init_stage / "model_final.pth"))
     if cfg.model.distill.enabled:
-        sources = [s if s.region_store else replace(s, region_store=str(store)) for s in cfg.data.sources]
+        own = source_stores or {}
+        sources = [
+            s if s.region_store else replace(s, region_store=str(own.get(s.dataset, store))) for s in cfg.data.sources
+        ]
         cfg = replace(cfg, data=replace(cfg.data, region_store=cfg.data.region_store or str(store), sources=sources))
     return cfg
 
@@ -289,7 +301,9 @@ def run_pipeline(
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
     regions_dataset = pipe.regions.dataset or first.data.train
     store = regions_path(out, regions_dataset)
-    configs = [stage_config(pipeline_file, s, out, overrides or [], store) for s in pipe.stages]
+    p = pipe.pseudo_labels
+    own = {p.name: regions_path(out, p.dataset)} if p.dataset and p.own_regions else {}
+    configs = [stage_config(pipeline_file, s, out, overrides or [], store, own) for s in pipe.stages]
     known = {s.name for s in pipe.stages}
     for stage, cfg in zip(pipe.stages, configs, strict=True):
         if cfg.init_stage and cfg.init_stage not in known:
@@ -333,6 +347,11 @@ def run_pipeline(
             t = time.perf_counter()
             ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
             prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
+        if pseudo and pipe.pseudo_labels.own_regions:  # regions of the labelled images themselves
+            stage_store = regions_path(out, pipe.pseudo_labels.dataset)
+            t = time.perf_counter()
+            ensure_regions(pipe, cfg, stage_store, out, pipe.pseudo_labels.dataset)
+            prep_times.setdefault("pseudo_regions", round(time.perf_counter() - t, 1))
         if pseudo:
             t = time.perf_counter()
             ensure_pseudo_labels(pipe, cfg, stage_store, out)

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import ovd.engine.trainer as trainer
+from ovd.distill import RegionStore
 from ovd.errors import OVDError
 from ovd.pipeline import format_ablation, load_pipeline, run_pipeline, stage_row
 
@@ -178,9 +179,10 @@ def test_long_tailed_pipeline_reports_apr(tmp_path):
         ],
         "regions": {"proposals": "base", "k": 3},
         "pseudo_labels": {
-            "dataset": "ovshapes_lt_small_image_labels",
+            "dataset": "ovshapes_lt_small_imagenet",  # the class-balanced ImageNet split: its own region store
             "name": "ovshapes_lt_small_pseudo",
             "threshold": 0.0,
+            "own_regions": True,
         },  # fmt: skip
         "demo_images": 0,
     }
@@ -196,5 +198,17 @@ def test_long_tailed_pipeline_reports_apr(tmp_path):
     pseudo = json.loads((tmp_path / "out" / "pseudo_labels" / "ovshapes_lt_small_pseudo.json").read_text())
     rare = {c["id"] for c in pseudo["categories"] if c.get("frequency") == "r"}
     assert rare and any(a["category_id"] in rare for a in pseudo["annotations"])  # rare classes get pseudo boxes
+    assert {a["image_id"] for a in pseudo["annotations"]} <= {img["id"] for img in pseudo["images"]}
+    assert min(img["id"] for img in pseudo["images"]) > 2_000_000  # the ImageNet split's images, not train's
+    assert set(result["prepare_time_s"]) >= {"regions", "pseudo_regions", "pseudo_labels"}
+    wt_cfg = yaml.safe_load((tmp_path / "out" / "wt" / "config.yaml").read_text())
+    stores = {src["dataset"]: Path(src["region_store"]).name for src in wt_cfg["data"]["sources"]}
+    assert stores == {"ovshapes_lt_small_train_norare": "ovshapes_lt_small_train_norare",
+                      "ovshapes_lt_small_pseudo": "ovshapes_lt_small_imagenet"}  # fmt: skip
+    imagenet_store = RegionStore.open(tmp_path / "out" / "regions" / "ovshapes_lt_small_imagenet")
+    assert (
+        imagenet_store.metadata["num_images"] == 32
+        and imagenet_store.metadata["dataset"] == "ovshapes_lt_small_imagenet"
+    )
     wt = json.loads((tmp_path / "out" / "wt" / "eval" / "metrics.json").read_text())
     assert "APr" in wt["segm"] and "fidelity_cosine_novel" in wt

@@ -35,8 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda, for CLIP and a detector (default: auto)")
     p.add_argument("--min-size", type=int, help="detector proposals: test short side (default: its config's)")
     p.add_argument("--max-size", type=int, help="detector proposals: test long-side cap (default: its config's)")
-    backends = ["auto", "pil", "tensor"]
-    p.add_argument("--resize-backend", default="auto", choices=backends, help="PIL in workers or torch on device")
+    backends = ["auto", "pil", "tensor", "batched"]
+    p.add_argument(
+        "--resize-backend",
+        default="auto",
+        choices=backends,
+        help="where crops are made: PIL in the workers, torch per crop or batched matrix products on the CLIP device "
+        "(auto: batched on a GPU, pil on a CPU)",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)

@@ -38,7 +38,13 @@ It follows the OV-LVIS protocol (METHOD §1.4, §6.2, §6.4) in miniature, on th
 * **Image labels** (``annotations/train_image_labels.json``, derived from ``train.json`` on first use):
   every train image with ``pos_category_ids`` = the classes drawn in it, rare ones included, and no
   boxes: the stand-in for ImageNet-LVIS (METHOD §1.4, §4.1), the image-level supervision that names rare
-  classes whose boxes the detector never sees. PIS turns them into pseudo boxes.
+  classes whose boxes the detector never sees. PIS turns them into pseudo boxes. They inherit the
+  train split's long tail (a rare class names at most ``rare_max`` images).
+* **ImageNet split** (``imagenet/*.png`` + ``annotations/imagenet_image_labels.json``, generated on first
+  use): ``num_imagenet`` further images, each of **one** class drawn class-balanced (every class, rare
+  ones included, in about ``num_imagenet / K`` images; 1 to ``max_instances`` instances, clutter as
+  usual), labelled with that class only: the stand-in for ImageNet-21k-LVIS, a separate, roughly
+  class-balanced image set (METHOD §1.4), so that PIS sees the rare classes as often as the others.
 
 Files live under ``root/ovshapes_lt/<preset>/``: ``train/*.png``, ``val/*.png`` and the JSON files, each
 written atomically, ``train_norare.json`` last: its presence means the world is complete.
@@ -104,9 +110,11 @@ TAIL: tuple[tuple[str, str], ...] = (
 v1: 405 / 461 / 337 of 1203). The rare ones are OV-Shapes novel classes."""
 
 IMAGE_LABELS_FILE = "train_image_labels.json"  # derived from train.json when first needed
+IMAGENET_FILE = "imagenet_image_labels.json"  # the class-balanced image-label split, generated when first needed
+_IMAGENET_ID_OFFSET = 2_000_000  # its image ids follow val's range
 ANNOTATION_FILES = ("val.json", "train.json", "train_norare_cat_info.json", "train_norare.json")  # write order
 _STREAM = 100  # seed stream of this world; OV-Shapes uses 0-3
-_SPLITS = {"train": 0, "val": 1}
+_SPLITS = {"train": 0, "val": 1, "imagenet": 2}
 _MAX_ATTEMPTS = 20  # redraws of an image whose allocated objects do not all fit
 
 
@@ -117,6 +125,8 @@ class OVShapesLTPreset:
     Attributes:
         name: folder name.
         num_train, num_val: number of images.
+        num_imagenet: images of the class-balanced image-label split (generated separately on first
+            use, so it is not part of the world's identity in ``train_norare.json``).
         head_fraction: share of train (and val) images holding the most frequent class.
         decay: ratio of the train image counts of consecutive tail ranks.
         val_decay: the same in val (flatter, so rare classes get enough val instances).
@@ -134,6 +144,7 @@ class OVShapesLTPreset:
     name: str
     num_train: int
     num_val: int
+    num_imagenet: int = 800
     head_fraction: float = 0.7
     decay: float = 0.69
     val_decay: float = 0.83
@@ -157,6 +168,7 @@ class OVShapesLTPreset:
 
         check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name must be a plain folder name")
         check(self.num_train >= 8 and self.num_val >= 1, "num_train must be >= 8 and num_val >= 1")
+        check(self.num_imagenet >= 0, "num_imagenet must be >= 0")
         for label, value in (
             ("head_fraction", self.head_fraction),
             ("decay", self.decay),
@@ -194,7 +206,7 @@ class OVShapesLTPreset:
 
 
 PRESETS: dict[str, OVShapesLTPreset] = {
-    "small": OVShapesLTPreset("small", num_train=64, num_val=32, val_min_images=3),
+    "small": OVShapesLTPreset("small", num_train=64, num_val=32, num_imagenet=32, val_min_images=3),
     "default": OVShapesLTPreset("default", num_train=2000, num_val=400),
 }
 
@@ -265,9 +277,17 @@ def allocate(preset: str | OVShapesLTPreset, seed: int, split: str) -> list[list
         One list per image; a class appears once per instance.
     """
     preset = resolve_preset(preset)
+    rng = _split_rng(seed, split, _ALLOCATION)
+    if split == "imagenet":  # one class per image, class-balanced: image i shows class perm[i] mod K
+        out = []
+        for k in rng.permutation(preset.num_imagenet) % len(CLASSES):
+            count = 1
+            while count < preset.max_instances and rng.random() < preset.extra_instance_prob:
+                count += 1
+            out.append([int(k)] * count)
+        return out
     num = preset.num_train if split == "train" else preset.num_val
     targets = train_image_targets(preset) if split == "train" else val_image_targets(preset)
-    rng = _split_rng(seed, split, _ALLOCATION)
     per_image: list[list[int]] = [[] for _ in range(num)]
     rank_of = {CLASS_NAMES.index(name): rank for rank, (name, _) in enumerate(TAIL)}
     for name, _ in TAIL:
@@ -424,10 +444,11 @@ def _lvis_json(
 
 
 def _world_info(preset: OVShapesLTPreset, seed: int) -> dict[str, Any]:
+    fields = {k: v for k, v in asdict(preset).items() if k != "num_imagenet"}  # that split has its own file
     return {
         "description": "OV-Shapes-LT: synthetic long-tailed open-vocabulary world (OV-LVIS protocol in miniature)",
         "version": FORMAT_VERSION,
-        "preset": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(preset).items()},
+        "preset": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
         "seed": seed,
         "tail": [list(t) for t in TAIL],
         "thresholds": {"rare_max": preset.rare_max, "common_max": preset.common_max},
@@ -534,13 +555,53 @@ def _prepare_image_labels(preset_name: str, info: DatasetInfo) -> None:
     write_json(info.ann_file_path, image_labels(read_json(folder / "annotations" / "train.json")), indent=None)
 
 
+def generate_imagenet_split(
+    root: str | os.PathLike[str] | None = None, preset: str | OVShapesLTPreset = "default", seed: int = 0
+) -> Path:
+    """Generate the class-balanced image-label split of a world (module docstring) when missing.
+
+    Returns:
+        Its annotation file ``annotations/imagenet_image_labels.json`` (images with ``pos_category_ids``,
+        the world's categories, no annotations), written last and atomically.
+
+    Raises:
+        OVDError: as :func:`generate_ovshapes_lt`, or the preset has ``num_imagenet = 0``.
+    """
+    preset = resolve_preset(preset)
+    if preset.num_imagenet == 0:
+        raise OVDError(f"preset {preset.name!r} has no ImageNet split (num_imagenet = 0)", field="num_imagenet")
+    folder = generate_ovshapes_lt(root, preset, seed)  # the categories (and their counts) come from train
+    path = folder / "annotations" / IMAGENET_FILE
+    info = {**_world_info(preset, seed), "split": "imagenet", "num_imagenet": preset.num_imagenet}
+    if path.is_file() and read_json(path).get("info") == info:
+        return path
+    out = folder / "imagenet"
+    out.mkdir(exist_ok=True)
+    allocation = allocate(preset, seed, "imagenet")
+    jobs = [(preset, seed, "imagenet", i, ids, str(out)) for i, ids in enumerate(allocation)]
+    rendered = _render_all(jobs, min(2, os.cpu_count() or 1))
+    images = [
+        {"id": i + 1 + _IMAGENET_ID_OFFSET, **rec["image"], "pos_category_ids": sorted({k + 1 for k in rec["drawn"]})}
+        for i, rec in enumerate(rendered)
+    ]
+    cats = read_json(folder / "annotations" / "train_norare.json")["categories"]
+    write_json(path, {"info": info, "images": images, "categories": cats, "annotations": []}, indent=None)
+    logger.info("OV-Shapes-LT %r ImageNet split (%d images) written to %s", preset.name, len(images), out)
+    return path
+
+
+def _prepare_imagenet(preset_name: str, info: DatasetInfo) -> None:
+    generate_imagenet_split(datasets_root(), preset_name, seed=0)
+
+
 def register_ovshapes_lt() -> None:
-    """Register ``ovshapes_lt_{train_norare,train,val,image_labels}`` (default preset) and
+    """Register ``ovshapes_lt_{train_norare,train,val,image_labels,imagenet}`` (default preset) and
     ``ovshapes_lt_small_*``.
 
     ``*_train_norare`` is the training set (rare annotations removed), ``*_train`` the full train split
     (LVIS's ``lvis_v1_train``, for tools and oracles), ``*_val`` the evaluation set, ``*_image_labels``
-    the train images' image-level labels (ImageNet-LVIS's part, for PIS). Base = frequent +
+    the train images' image-level labels, ``*_imagenet`` the class-balanced image-label split
+    (ImageNet-LVIS's part, for PIS). Base = frequent +
     common, novel = rare. Seed 0; each entry generates its world under the datasets root on first use.
     The entries are LVIS-style (``extra["format"] == "lvis"``) and carry masks (``extra["masks"]``).
     Calling it again re-registers the same entries.
@@ -582,6 +643,18 @@ def register_ovshapes_lt() -> None:
                 ann_file=f"{folder}/annotations/{IMAGE_LABELS_FILE}",
                 ann_type="image",
                 prepare=functools.partial(_prepare_image_labels, preset),
+                extra={"preset": preset, "format": "lvis"},
+                **common,
+            ),
+            overwrite=True,
+        )
+        register_dataset(
+            DatasetInfo(
+                name=f"{prefix}_imagenet",
+                image_root=f"{folder}/imagenet",
+                ann_file=f"{folder}/annotations/{IMAGENET_FILE}",
+                ann_type="image",
+                prepare=functools.partial(_prepare_imagenet, preset),
                 extra={"preset": preset, "format": "lvis"},
                 **common,
             ),

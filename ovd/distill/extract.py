@@ -11,9 +11,10 @@ of many images share one ``encode_images`` call, and every failure raises. Three
 * ``"pil"``: the workers decode, crop and resize with PIL, exactly as ``clip.preprocess`` on a PIL crop;
 * ``"tensor"``: the workers decode, the crops are resized one by one on the CLIP's device, as
   ``clip.preprocess`` does to a tensor crop;
-* ``"batched"``: the workers decode; every crop's crop + resize + centre crop is applied on the CLIP's
-  device as two matrix products (:func:`resize_weights`), a few kernels per image instead of several
-  per crop, with no host-device synchronisation. Same numbers as ``"tensor"`` up to float rounding.
+* ``"batched"``: the workers decode into one zero-padded batch per task; on the CLIP's device every
+  crop's crop + resize + centre crop is two batched matrix products for the whole task
+  (:func:`batched_crop_resize`, :func:`resize_weights`): a fixed number of kernels per task instead of
+  several per crop, and no host-device synchronisation. Same numbers as ``"tensor"`` up to float rounding.
 
 Work is split into fixed **chunks** of consecutive images of a shard; a finished chunk is written
 atomically as ``<out>/parts/shard{i}-chunk{j}.npz``. A rerun skips finished chunks (after checking
@@ -250,50 +251,72 @@ def crop_rects(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.array([crop_box_pixels(b, height, width) for b in boxes], dtype=np.int64).reshape(-1, 4)
 
 
-def batched_crop_resize(images: Sequence[Tensor], rects: Sequence[np.ndarray], preprocess: CropPreprocess) -> Tensor:
-    """:meth:`CropPreprocess.crop_resize_tensor` of many rectangles of many images as batched matrix
-    products: per image, the rows then the columns of its rectangles' union are contracted with the
-    weights of :func:`resize_weights`. The weights of all crops are built at once, from one host-to-
-    device copy, so nothing waits for the device per image or per crop.
+def pad_stack(images: Sequence[np.ndarray]) -> np.ndarray:
+    """``uint8[H_i, W_i, 3]`` images → one zero-padded ``uint8[N, max H, max W, 3]`` batch."""
+    h = max(im.shape[0] for im in images)
+    w = max(im.shape[1] for im in images)
+    out = np.zeros((len(images), h, w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        out[i, : im.shape[0], : im.shape[1]] = im
+    return out
+
+
+def batched_crop_resize(
+    batch: Tensor, rects: Sequence[np.ndarray], preprocess: CropPreprocess, *, bgr: bool = False
+) -> Tensor:
+    """:meth:`CropPreprocess.crop_resize_tensor` of up to ``K`` rectangles in each of ``N`` images, as
+    two batched matrix products over the whole batch (a fixed number of kernels per call, whatever
+    ``N`` and ``K``): the image rows are contracted with the row weights of every crop slot of the image
+    (:func:`resize_weights`), then each slot's result with its column weights. Weights are zero outside
+    a crop's rectangle, so padding is never read. The per-crop parameters reach the device in one
+    pinned, asynchronous copy: nothing waits for the device.
 
     Args:
-        images: ``float Tensor[3, H_i, W_i]`` RGB, values 0-255, all on one device.
-        rects: per image, ``int64[n_i, 4]`` integer crop rectangles ``(x0, y0, x1, y1)`` inside it.
+        batch: ``Tensor[N, H, W, 3]`` (``uint8`` or float, values 0-255), images zero-padded to one size,
+            on any device.
+        rects: per image, ``int64[k_i, 4]`` integer crop rectangles ``(x0, y0, x1, y1)`` inside it.
+        bgr: the batch's channels are BGR (OpenCV's order); the crops are returned RGB.
 
     Returns:
-        ``float Tensor[sum n_i, 3, h, w]`` with integer values in ``[0, 255]``, in image then rectangle order.
+        ``float Tensor[sum k_i, 3, h, w]`` RGB with integer values in ``[0, 255]``, in image then rectangle order.
     """
     ch, cw = preprocess.crop_size
-    device = images[0].device if len(images) else torch.device("cpu")
-    if sum(len(r) for r in rects) == 0:
+    n, height, width = (int(v) for v in batch.shape[:3])
+    device = batch.device
+    counts = [len(r) for r in rects]
+    if len(rects) != n:
+        raise ValueError(f"{len(rects)} rectangle lists for {n} images")
+    if sum(counts) == 0:
         return torch.zeros((0, 3, ch, cw), device=device)
-    unions = np.array([[*r[:, :2].min(axis=0), *r[:, 2:].max(axis=0)] if len(r) else [0, 0, 1, 1] for r in rects])
-    per_crop = np.repeat(unions, [len(r) for r in rects], axis=0)  # (n, 4) union of the crop's image
-    every = np.concatenate([r for r in rects if len(r)])  # (n, 4)
-    w, h = every[:, 2] - every[:, 0], every[:, 3] - every[:, 1]
+    k = max(counts)
+    slots = np.zeros((n, k, 4), dtype=np.int64)  # (N, K, 4); empty slots get a 1x1 rectangle, dropped below
+    slots[:, :, 2:] = 1
+    for i, r in enumerate(rects):
+        slots[i, : len(r)] = r
+    slots = slots.reshape(-1, 4)  # (N*K, 4)
+    w, h = slots[:, 2] - slots[:, 0], slots[:, 3] - slots[:, 1]
     nw, nh = np.array([preprocess.resized_size(int(a), int(b)) for a, b in zip(w, h, strict=True)]).T
     # centre-crop offsets exactly as torchvision's center_crop: Python's round (ties to even)
     top = [int(round((v - ch) / 2.0)) for v in nh]
     left = [int(round((v - cw) / 2.0)) for v in nw]
-    params = np.stack([every[:, 1] - per_crop[:, 1], h, nh, top, every[:, 0] - per_crop[:, 0], w, nw, left])
-    host = torch.from_numpy(params.astype(np.int64))  # (8, n)
+    host = torch.from_numpy(np.stack([slots[:, 1], h, nh, top, slots[:, 0], w, nw, left]).astype(np.int64))
     if device.type == "cuda":  # a pageable copy would wait for every kernel queued before it (the CLIP forward)
         host = host.pin_memory()
-    y0, hh, rh, top_t, x0, ww, rw, left_t = host.to(device, non_blocking=True)  # 8 x (n,)
-    hu, wu = unions[:, 3] - unions[:, 1], unions[:, 2] - unions[:, 0]
+    y0, hh, rh, top_t, x0, ww, rw, left_t = host.to(device, non_blocking=True)  # 8 x (N*K,)
     interp = preprocess.interpolation
-    wy = resize_weights(y0, hh, rh, top_t, ch, int(hu.max()), interp)  # (n, h, max Hu)
-    wx = resize_weights(x0, ww, rw, left_t, cw, int(wu.max()), interp)  # (n, w, max Wu)
-    out, a = [], 0
-    for image, r, (ux0, uy0, ux1, uy1) in zip(images, rects, unions, strict=True):
-        if len(r) == 0:
-            continue
-        b = a + len(r)
-        sub = image[:, uy0:uy1, ux0:ux1]  # (3, Hu, Wu) view of the union
-        rows = torch.matmul(wy[a:b, None, :, : uy1 - uy0], sub[None])  # (n_i, 3, h, Wu)
-        out.append(torch.matmul(rows, wx[a:b, None, :, : ux1 - ux0].transpose(2, 3)))  # (n_i, 3, h, w)
-        a = b
-    return torch.cat(out).clamp_(0, 255).round_()
+    wy = resize_weights(y0, hh, rh, top_t, ch, height, interp)  # (N*K, h, H)
+    wx = resize_weights(x0, ww, rw, left_t, cw, width, interp)  # (N*K, w, W)
+    image = batch.permute(0, 1, 3, 2).float().contiguous().view(n, height, 3 * width)  # (N, H, 3*W) rows of C x W
+    rows = torch.bmm(wy.view(n, k * ch, height), image)  # (N, K*h, 3*W)
+    out = torch.bmm(rows.view(n * k, ch * 3, width), wx.transpose(1, 2))  # (N*K, h*3, w)
+    out = out.view(n * k, ch, 3, cw).permute(0, 2, 1, 3)  # (N*K, 3, h, w)
+    keep = torch.as_tensor([i * k + j for i, c in enumerate(counts) for j in range(c)])
+    if device.type == "cuda":
+        keep = keep.pin_memory()
+    out = out[keep.to(device, non_blocking=True)]  # (sum k_i, 3, h, w)
+    if bgr:
+        out = out.flip(1)
+    return out.clamp_(0, 255).round_()
 
 
 class CropEncoder:
@@ -354,7 +377,8 @@ class _CropDataset(Dataset):
     box order; images without boxes are not decoded.
 
     ``mode``: ``"crops"`` (PIL backend): ``crops`` = ``uint8 Tensor[c, h, w, 3]``; ``"decode"`` (tensor
-    and batched backends): ``images`` = BGR ``uint8 Tensor[H, W, 3]``.
+    backend): ``images`` = BGR ``uint8 Tensor[H, W, 3]``; ``"stack"`` (batched backend): ``batch`` = the
+    BGR images zero-padded into one ``uint8 Tensor[n, H, W, 3]`` (one pinned copy to the device).
     """
 
     def __init__(
@@ -368,12 +392,13 @@ class _CropDataset(Dataset):
     def __getitem__(self, positions: list[int]) -> dict[str, Any]:
         if self.mode != "crops":
             try:
-                images = [
-                    torch.from_numpy(_decode(self.records[p], rgb=False)) for p in positions if len(self.boxes[p])
-                ]
+                images = [_decode(self.records[p], rgb=False) for p in positions if len(self.boxes[p])]
             except OVDError as e:
                 return {"positions": positions, "images": [], "error": _error(e)}
-            return {"positions": positions, "images": images, "error": None}
+            if self.mode == "stack":
+                batch = torch.from_numpy(pad_stack(images)) if images else torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
+                return {"positions": positions, "batch": batch, "error": None}
+            return {"positions": positions, "images": [torch.from_numpy(im) for im in images], "error": None}
         ch, cw = self.preprocess.crop_size
         out = np.empty((sum(len(self.boxes[p]) for p in positions), ch, cw, 3), dtype=np.uint8)  # (c, h, w, 3)
         i = 0
@@ -429,12 +454,20 @@ class _Chunk:
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """Fingerprint of a model's weights: SHA-256 over its state dict (names, dtypes, shapes, bytes)."""
+    """Fingerprint of a model's weights: SHA-256 over its state dict (names, dtypes, shapes, bytes).
+    Weights on a GPU come to the host in one copy (one copy per tensor would cost ~1 s for ViT-B)."""
     digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
+    items = sorted(model.state_dict().items())
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in items]
+    on_host = all(f.device.type == "cpu" for f in flat)
+    data = (
+        flat
+        if on_host or not flat
+        else torch.cat([f.to(flat[0].device) for f in flat]).cpu().split([f.numel() for f in flat])
+    )
+    for (name, t), b in zip(items, data, strict=True):
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(b.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -508,11 +541,6 @@ def _propose(
     chunk.boxes = kept
 
 
-def _device_images(items: list[Tensor], records: Sequence[ImageRecord], device: torch.device) -> list[Tensor]:
-    """The workers' BGR ``uint8 Tensor[H, W, 3]`` images as RGB ``float Tensor[3, H, W]`` (0-255) on ``device``."""
-    return [t.to(device, non_blocking=True).permute(2, 0, 1).flip(0).float() for t in items]
-
-
 def _item_crops(
     item: dict[str, Any],
     boxes: dict[int, np.ndarray],
@@ -528,9 +556,9 @@ def _item_crops(
         return item["crops"]  # (c, h, w, 3) uint8
     with_boxes = [p for p in item["positions"] if len(boxes[p])]
     if batched:
-        images = _device_images(item["images"], [records[p] for p in with_boxes], device)
+        batch = item["batch"]  # (n, H, W, 3) BGR, padded; sizes checked against the records in the worker
         rects = [crop_rects(boxes[p], records[p].height, records[p].width) for p in with_boxes]
-        return batched_crop_resize(images, rects, preprocess).to(device)  # (c, 3, h, w)
+        return batched_crop_resize(batch.to(device, non_blocking=True), rects, preprocess, bgr=True)  # (c, 3, h, w)
     crops = []
     for p, bgr in zip(with_boxes, item["images"], strict=True):
         rec = records[p]
@@ -564,7 +592,9 @@ def _encode_chunks(
             items.append(list(range(s, min(s + images_per_item, c.positions.stop))))
         last_item[len(items) - 1] = ci
     device = encoder.mean.device
-    dataset = _CropDataset(records, boxes, preprocess, "crops" if resize_backend == "pil" else "decode")
+    dataset = _CropDataset(
+        records, boxes, preprocess, {"pil": "crops", "tensor": "decode"}.get(resize_backend, "stack")
+    )
     loader = _loader(dataset, items, num_workers, None, pin=device.type == "cuda")
     pending: list[Tensor] = []
     num_pending = 0

@@ -239,3 +239,36 @@ def test_image_labels_name_every_drawn_class(tmp_path, monkeypatch):
     assert len(rec.boxes) == 0 and sorted(rec.pos_labels + 1) == sorted(drawn[rec.image_id])
     first = next(img for img in train["images"] if img["id"] == rec.image_id)
     assert Path(rec.file_name) == info.image_root_path / first["file_name"]
+
+
+def test_imagenet_split_is_class_balanced_and_separate(tmp_path, monkeypatch):
+    """The ImageNet-LVIS stand-in: its own images, one class each, every class (rare ones too) equally often;
+    generating it leaves the world (train/val files) untouched."""
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
+    world = lt.generate_ovshapes_lt(tmp_path, "small")
+    before = (world / "annotations" / "train_norare.json").read_bytes()
+    info = get_dataset("ovshapes_lt_small_imagenet")  # generated on first use
+    assert info.ann_type == "image" and info.image_root_path == world / "imagenet"
+    labels = read_json(info.ann_file_path)
+    assert labels["annotations"] == [] and len(labels["images"]) == lt.PRESETS["small"].num_imagenet == 32
+    per_class = np.bincount([c for img in labels["images"] for c in img["pos_category_ids"]], minlength=17)[1:]
+    assert per_class.tolist() == [2] * 16  # 32 images / 16 classes: perfectly balanced, rare included
+    assert all(len(img["pos_category_ids"]) == 1 for img in labels["images"])
+    assert min(img["id"] for img in labels["images"]) == 2_000_001
+    assert (world / "annotations" / "train_norare.json").read_bytes() == before
+    assert labels["categories"] == read_json(world / "annotations" / "train_norare.json")["categories"]
+    # each image shows its class: as many drawn instances as the allocation says, all of that class
+    allocation = lt.allocate("small", 0, "imagenet")
+    for img, ids in zip(labels["images"], allocation, strict=True):
+        assert img["pos_category_ids"] == [ids[0] + 1] and set(ids) == {ids[0]} and 1 <= len(ids) <= 3
+        assert (world / "imagenet" / img["file_name"]).is_file()
+    records = load_dataset(info)
+    assert len(records) == 32 and all(len(r.boxes) == 0 and len(r.pos_labels) == 1 for r in records)
+    # regenerating is a no-op; the split does not enter the world's identity
+    stamp = info.ann_file_path.stat().st_mtime_ns
+    assert lt.generate_imagenet_split(tmp_path, "small") == info.ann_file_path
+    assert info.ann_file_path.stat().st_mtime_ns == stamp
+    assert "num_imagenet" not in read_json(world / "annotations" / "train_norare.json")["info"]["preset"]
+    with pytest.raises(OVDError, match="no ImageNet split"):
+        lt.generate_imagenet_split(tmp_path, lt.OVShapesLTPreset("none", num_train=64, num_val=32, num_imagenet=0,
+                                                                 val_min_images=3))  # fmt: skip

@@ -120,24 +120,43 @@ def test_crop_preprocess_equals_torchvision_on_pil(clip):
         diff = np.abs(prep.crop_resize_tensor(tensor, rect).permute(1, 2, 0).numpy() - prep.crop_resize(image, rect))
         assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (rect, diff.mean())
     # the batched backend's matrix products give the tensor backend's numbers (a rounding flip at most)
-    # (several images of different sizes, one without rectangles, in one call)
-    small = tensor[:, 20:75, 30:]  # (3, 55, 100)
+    # the batched backend: several images of different sizes (zero-padded into one batch, BGR), one
+    # without rectangles, in one call; the tensor backend's numbers, a rounding flip at most
+    small = np.array(image)[20:75, 30:]  # (55, 100, 3)
     small_rects = [(0, 0, 100, 55), (60, 10, 99, 54)]
     none = np.zeros((0, 4), dtype=np.int64)
+    batch = extract_mod.pad_stack([np.array(image)[:, :, ::-1], small[:, :, ::-1], small[:, :, ::-1]])
+    assert batch.shape == (3, 90, 130, 3) and not batch[1, 55:].any() and not batch[1, :, 100:].any()
     made = extract_mod.batched_crop_resize(
-        [tensor, small, small], [np.array(rects), none, np.array(small_rects)], prep
+        torch.from_numpy(batch), [np.array(rects), none, np.array(small_rects)], prep, bgr=True
     )  # (n, 3, 64, 64)
+    small_t = torch.from_numpy(small.copy()).permute(2, 0, 1).float()
     expected = [prep.crop_resize_tensor(tensor, r) for r in rects] + [
-        prep.crop_resize_tensor(small, r) for r in small_rects
+        prep.crop_resize_tensor(small_t, r) for r in small_rects
     ]
     assert made.shape == (len(expected), 3, 64, 64)
     for crop, ref in zip(made, expected, strict=True):
         diff = (crop - ref).abs()
         assert diff.max() <= 1 and diff.mean() < 1e-3, diff.max()
-    assert extract_mod.batched_crop_resize([tensor], [none], prep).shape == (0, 3, 64, 64)
+    rgb = extract_mod.batched_crop_resize(torch.from_numpy(batch[:1, :, :, ::-1].copy()), [np.array(rects)], prep)
+    torch.testing.assert_close(rgb, made[: len(rects)])  # bgr=False on an RGB batch: the same crops
+    assert extract_mod.batched_crop_resize(torch.from_numpy(batch[:1]), [none], prep).shape == (0, 3, 64, 64)
     # float boxes: corners rounded half up, never empty, inside the image
     assert crop_box_pixels(np.array([1.5, 2.49, 2.5, 3.51]), 10, 10) == (2, 2, 3, 4)
     assert crop_box_pixels(np.array([9.7, 0.0, 10.0, 0.2]), 10, 10) == (9, 0, 10, 1)
+
+
+def test_weights_sha256_definition():
+    import hashlib
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        model.bias.fill_(0.5)
+    ref = hashlib.sha256()
+    for name, t in (("bias", model.bias), ("weight", model.weight)):  # names sorted
+        ref.update(f"{name}|torch.float32|{tuple(t.shape)}|".encode() + t.detach().numpy().tobytes())
+    assert extract_mod.weights_sha256(model) == ref.hexdigest()
 
 
 def test_resize_weights_hand_values():

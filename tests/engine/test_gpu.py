@@ -129,6 +129,9 @@ def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
     cpu_clip = create_clip("ovd-tiny", None)
     gpu_clip = create_clip("ovd-tiny", None, device="cuda")
     gpu_clip.model.load_state_dict(cpu_clip.model.state_dict())
+    from ovd.distill.extract import weights_sha256
+
+    assert weights_sha256(gpu_clip.model) == weights_sha256(cpu_clip.model)  # one-copy GPU path, same digest
     kw = {"batch_size": 16, "num_workers": 2, "chunk_size": 5, "progress": False}
     ref = RegionStore.open(extract_region_embeddings(records, FileProposals(props), cpu_clip, tmp_path / "cpu", **kw))
     out = RegionStore.open(extract_region_embeddings(records, FileProposals(props), gpu_clip, tmp_path / "gpu", **kw))
