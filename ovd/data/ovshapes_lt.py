@@ -636,27 +636,18 @@ def register_ovshapes_lt() -> None:
                 **common,
             )
             register_dataset(info, overwrite=True)
-        register_dataset(
-            DatasetInfo(
-                name=f"{prefix}_image_labels",
-                image_root=f"{folder}/train",
-                ann_file=f"{folder}/annotations/{IMAGE_LABELS_FILE}",
+        image_sets = (  # (name, image folder, annotation file, prepare hook): image-level labels only
+            ("image_labels", "train", IMAGE_LABELS_FILE, _prepare_image_labels),
+            ("imagenet", "imagenet", IMAGENET_FILE, _prepare_imagenet),
+        )
+        for name, images, ann_file, hook in image_sets:
+            info = DatasetInfo(
+                name=f"{prefix}_{name}",
+                image_root=f"{folder}/{images}",
+                ann_file=f"{folder}/annotations/{ann_file}",
                 ann_type="image",
-                prepare=functools.partial(_prepare_image_labels, preset),
+                prepare=functools.partial(hook, preset),
                 extra={"preset": preset, "format": "lvis"},
                 **common,
-            ),
-            overwrite=True,
-        )
-        register_dataset(
-            DatasetInfo(
-                name=f"{prefix}_imagenet",
-                image_root=f"{folder}/imagenet",
-                ann_file=f"{folder}/annotations/{IMAGENET_FILE}",
-                ann_type="image",
-                prepare=functools.partial(_prepare_imagenet, preset),
-                extra={"preset": preset, "format": "lvis"},
-                **common,
-            ),
-            overwrite=True,
-        )
+            )
+            register_dataset(info, overwrite=True)
