@@ -96,9 +96,13 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
     names = [s.name for s in cfg.stages]
     if not names or len(set(names)) != len(names) or "" in names:
         raise OVDError("stages need unique, non-empty names", path=path, field="stages")
-    if cfg.parallel_stages < 1:
-        raise OVDError(f"must be >= 1, got {cfg.parallel_stages}", path=path, field="parallel_stages")
+    _check_parallel_stages(cfg.parallel_stages, path)
     return cfg
+
+
+def _check_parallel_stages(n: int, path: Path | None = None) -> None:
+    if n < 1:
+        raise OVDError(f"must be >= 1, got {n}", path=path, field="parallel_stages")
 
 
 def stage_config(
@@ -133,8 +137,15 @@ def _stage_datasets(cfg: Config) -> list[str]:
     return [*train, *([cfg.data.test] if cfg.data.test else [])]
 
 
-def _uses_pseudo_labels(cfg: Config, name: str) -> bool:
-    return any(s.dataset == name for s in cfg.data.sources)
+def _reads_pseudo_labels(pipe: PipelineCfg, cfg: Config) -> bool:
+    """Whether a stage trains on the pipeline's pseudo-labelled dataset."""
+    return bool(pipe.pseudo_labels.dataset) and any(s.dataset == pipe.pseudo_labels.name for s in cfg.data.sources)
+
+
+def _proposal_stage(pipe: PipelineCfg) -> str | None:
+    """The stage whose final checkpoint proposes the regions (None: none, or a results file)."""
+    p = pipe.regions.proposals
+    return p if p and not p.endswith(".json") else None
 
 
 def ensure_regions(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path, dataset: str) -> Path:
@@ -151,7 +162,8 @@ def ensure_regions(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path
     r = pipe.regions
     if not r.proposals:
         raise OVDError("a stage distils regions but the pipeline names no proposal source", field="regions.proposals")
-    spec = output_dir / r.proposals / "model_final.pth" if not r.proposals.endswith(".json") else Path(r.proposals)
+    stage = _proposal_stage(pipe)
+    spec = output_dir / stage / "model_final.pth" if stage else Path(r.proposals)
     device = local_device(cfg.device)  # the stage's device runs the proposer and CLIP too
     source = build_proposal_source(
         spec, min_size=cfg.input.min_size_test, max_size=cfg.input.max_size_test, device=device
@@ -261,8 +273,9 @@ def _dependencies(pipe: PipelineCfg, cfg: Config, needs_regions: bool) -> set[st
     """Stages that must be finished before this one starts: its init stage and, when it reads the
     region store or pseudo labels, the stage that proposes the regions."""
     deps = {cfg.init_stage} if cfg.init_stage else set()
-    if needs_regions and pipe.regions.proposals and not pipe.regions.proposals.endswith(".json"):
-        deps.add(pipe.regions.proposals)
+    stage = _proposal_stage(pipe)
+    if needs_regions and stage:
+        deps.add(stage)
     return deps
 
 
@@ -294,15 +307,15 @@ def run_pipeline(
     out = Path(output_dir)
     pipe = load_pipeline(pipeline_file)
     if parallel_stages is not None:
-        if parallel_stages < 1:
-            raise OVDError(f"must be >= 1, got {parallel_stages}", field="parallel_stages")
+        _check_parallel_stages(parallel_stages)
         pipe = replace(pipe, parallel_stages=parallel_stages)
     register_pseudo_dataset(pipe, out)
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
     regions_dataset = pipe.regions.dataset or first.data.train
     store = regions_path(out, regions_dataset)
     p = pipe.pseudo_labels
-    own = {p.name: regions_path(out, p.dataset)} if p.dataset and p.own_regions else {}
+    pseudo_store = regions_path(out, p.dataset) if p.dataset and p.own_regions else None  # regions of their own
+    own = {p.name: pseudo_store} if pseudo_store else {}
     configs = [stage_config(pipeline_file, s, out, overrides or [], store, own) for s in pipe.stages]
     known = {s.name for s in pipe.stages}
     for stage, cfg in zip(pipe.stages, configs, strict=True):
@@ -339,7 +352,7 @@ def run_pipeline(
             torch.set_num_threads(threads)
 
     def _prepare(cfg: Config) -> None:
-        pseudo = bool(pipe.pseudo_labels.dataset) and _uses_pseudo_labels(cfg, pipe.pseudo_labels.name)
+        pseudo = _reads_pseudo_labels(pipe, cfg)
         # a recipe may name its own store (e.g. under $OVD_DATASETS); the pipeline fills it there
         named = (cfg.data.sources[0].region_store if cfg.data.sources else cfg.data.region_store) or None
         stage_store = Path(named) if cfg.model.distill.enabled and named else store
@@ -347,8 +360,8 @@ def run_pipeline(
             t = time.perf_counter()
             ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
             prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
-        if pseudo and pipe.pseudo_labels.own_regions:  # regions of the labelled images themselves
-            stage_store = regions_path(out, pipe.pseudo_labels.dataset)
+        if pseudo and pseudo_store:  # regions of the labelled images themselves
+            stage_store = pseudo_store
             t = time.perf_counter()
             ensure_regions(pipe, cfg, stage_store, out, pipe.pseudo_labels.dataset)
             prep_times.setdefault("pseudo_regions", round(time.perf_counter() - t, 1))
@@ -358,9 +371,7 @@ def run_pipeline(
             prep_times.setdefault("pseudo_labels", round(time.perf_counter() - t, 1))
 
     def needs_regions(cfg: Config) -> bool:
-        return cfg.model.distill.enabled or (
-            bool(pipe.pseudo_labels.dataset) and _uses_pseudo_labels(cfg, pipe.pseudo_labels.name)
-        )
+        return cfg.model.distill.enabled or _reads_pseudo_labels(pipe, cfg)
 
     names = [s.name for s in pipe.stages]
     deps = {s.name: _dependencies(pipe, c, needs_regions(c)) for s, c in zip(pipe.stages, configs, strict=True)}

@@ -270,6 +270,15 @@ def _split_rng(seed: int, split: str, *key: int) -> np.random.Generator:
 _ALLOCATION, _FEDERATED = 0, 1  # per-split generator purposes; images use (index + 2, attempt)
 
 
+def _instance_count(rng: np.random.Generator, preset: OVShapesLTPreset) -> int:
+    """Instances of an allocated (class, image) pair: one more with ``extra_instance_prob``, repeatedly,
+    up to ``max_instances``."""
+    count = 1
+    while count < preset.max_instances and rng.random() < preset.extra_instance_prob:
+        count += 1
+    return count
+
+
 def allocate(preset: str | OVShapesLTPreset, seed: int, split: str) -> list[list[int]]:
     """The class ids drawn in each image of ``split``, in placement order (rarest class first).
 
@@ -281,10 +290,7 @@ def allocate(preset: str | OVShapesLTPreset, seed: int, split: str) -> list[list
     if split == "imagenet":  # one class per image, class-balanced: image i shows class perm[i] mod K
         out = []
         for k in rng.permutation(preset.num_imagenet) % len(CLASSES):
-            count = 1
-            while count < preset.max_instances and rng.random() < preset.extra_instance_prob:
-                count += 1
-            out.append([int(k)] * count)
+            out.append([int(k)] * _instance_count(rng, preset))
         return out
     num = preset.num_train if split == "train" else preset.num_val
     targets = train_image_targets(preset) if split == "train" else val_image_targets(preset)
@@ -293,10 +299,7 @@ def allocate(preset: str | OVShapesLTPreset, seed: int, split: str) -> list[list
     for name, _ in TAIL:
         k = CLASS_NAMES.index(name)
         for i in np.sort(rng.choice(num, size=int(targets[k]), replace=False)):
-            count = 1
-            while count < preset.max_instances and rng.random() < preset.extra_instance_prob:
-                count += 1
-            per_image[int(i)] += [k] * count
+            per_image[int(i)] += [k] * _instance_count(rng, preset)
     return [sorted(ids, key=lambda k: -rank_of[k]) for ids in per_image]
 
 

@@ -79,6 +79,7 @@ _PIL_RESAMPLE = {
 RESIZE_BACKENDS = ("pil", "tensor", "batched")
 """Where crops are made: PIL in the DataLoader workers, torch per crop on the CLIP's device, or batched
 matrix products on the CLIP's device."""
+_WORKER_MODE = {"pil": "crops", "tensor": "decode", "batched": "stack"}  # what the workers hand over (_CropDataset)
 _FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # half-width of the resampling kernel at scale 1
 _BICUBIC_A = -0.5  # the antialiased bicubic kernel of PIL and torch (``antialias=True``) uses a = -0.5
 _PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")  # no-ops on RGB crops
@@ -159,6 +160,12 @@ class CropPreprocess:
             return self.resize, int(self.resize * height / width)
         return int(self.resize * width / height), self.resize
 
+    def crop_offsets(self, width: int, height: int) -> tuple[int, int]:
+        """``(top, left)`` of the centre crop of a ``width x height`` resized crop, as torchvision's
+        ``center_crop`` (Python's round: ties to even)."""
+        ch, cw = self.crop_size
+        return int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
+
     def crop_resize(self, image: Image.Image, rect: tuple[int, int, int, int]) -> np.ndarray:
         """Crop ``rect`` from ``image`` and apply resize + centre crop.
 
@@ -171,7 +178,7 @@ class CropPreprocess:
         if (nw, nh) != (w, h):  # torchvision skips a resize to the same size
             crop = crop.resize((nw, nh), _PIL_RESAMPLE[T.InterpolationMode(self.interpolation)])
         ch, cw = self.crop_size
-        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))  # torchvision center_crop
+        top, left = self.crop_offsets(nw, nh)
         return np.asarray(crop)[top : top + ch, left : left + cw]
 
     def crop_resize_tensor(self, image: Tensor, rect: tuple[int, int, int, int]) -> Tensor:
@@ -192,7 +199,7 @@ class CropPreprocess:
             crop = F.interpolate(crop[None], size=(nh, nw), mode=self.interpolation, antialias=True)[0]  # (3, nh, nw)
             crop = crop.clamp(0, 255).round()
         ch, cw = self.crop_size
-        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+        top, left = self.crop_offsets(nw, nh)
         return crop[:, top : top + ch, left : left + cw]  # (3, h, w)
 
 
@@ -251,6 +258,12 @@ def crop_rects(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.array([crop_box_pixels(b, height, width) for b in boxes], dtype=np.int64).reshape(-1, 4)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without waiting: a pageable copy to a GPU would wait for every
+    kernel queued before it (the CLIP forward), so it is pinned first."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
 def pad_stack(images: Sequence[np.ndarray]) -> np.ndarray:
     """``uint8[H_i, W_i, 3]`` images → one zero-padded ``uint8[N, max H, max W, 3]`` batch."""
     h = max(im.shape[0] for im in images)
@@ -296,13 +309,9 @@ def batched_crop_resize(
     slots = slots.reshape(-1, 4)  # (N*K, 4)
     w, h = slots[:, 2] - slots[:, 0], slots[:, 3] - slots[:, 1]
     nw, nh = np.array([preprocess.resized_size(int(a), int(b)) for a, b in zip(w, h, strict=True)]).T
-    # centre-crop offsets exactly as torchvision's center_crop: Python's round (ties to even)
-    top = [int(round((v - ch) / 2.0)) for v in nh]
-    left = [int(round((v - cw) / 2.0)) for v in nw]
-    host = torch.from_numpy(np.stack([slots[:, 1], h, nh, top, slots[:, 0], w, nw, left]).astype(np.int64))
-    if device.type == "cuda":  # a pageable copy would wait for every kernel queued before it (the CLIP forward)
-        host = host.pin_memory()
-    y0, hh, rh, top_t, x0, ww, rw, left_t = host.to(device, non_blocking=True)  # 8 x (N*K,)
+    top, left = np.array([preprocess.crop_offsets(int(a), int(b)) for a, b in zip(nw, nh, strict=True)]).T
+    params = np.stack([slots[:, 1], h, nh, top, slots[:, 0], w, nw, left]).astype(np.int64)  # (8, N*K)
+    y0, hh, rh, top_t, x0, ww, rw, left_t = _to_device(torch.from_numpy(params), device)  # 8 x (N*K,)
     interp = preprocess.interpolation
     wy = resize_weights(y0, hh, rh, top_t, ch, height, interp)  # (N*K, h, H)
     wx = resize_weights(x0, ww, rw, left_t, cw, width, interp)  # (N*K, w, W)
@@ -311,9 +320,7 @@ def batched_crop_resize(
     out = torch.bmm(rows.view(n * k, ch * 3, width), wx.transpose(1, 2))  # (N*K, h*3, w)
     out = out.view(n * k, ch, 3, cw).permute(0, 2, 1, 3)  # (N*K, 3, h, w)
     keep = torch.as_tensor([i * k + j for i, c in enumerate(counts) for j in range(c)])
-    if device.type == "cuda":
-        keep = keep.pin_memory()
-    out = out[keep.to(device, non_blocking=True)]  # (sum k_i, 3, h, w)
+    out = out[_to_device(keep, device)]  # (sum k_i, 3, h, w)
     if bgr:
         out = out.flip(1)
     return out.clamp_(0, 255).round_()
@@ -547,15 +554,13 @@ def _item_crops(
     records: Sequence[ImageRecord],
     preprocess: CropPreprocess,
     device: torch.device,
-    *,
-    batched: bool = False,
 ) -> Tensor:
     """The crops of one loader item: as the workers made them (PIL backend), or made here on ``device``
     from the images the workers read (tensor and batched backends): ``float Tensor[c, 3, h, w]``."""
     if "crops" in item:
         return item["crops"]  # (c, h, w, 3) uint8
     with_boxes = [p for p in item["positions"] if len(boxes[p])]
-    if batched:
+    if "batch" in item:
         batch = item["batch"]  # (n, H, W, 3) BGR, padded; sizes checked against the records in the worker
         rects = [crop_rects(boxes[p], records[p].height, records[p].width) for p in with_boxes]
         return batched_crop_resize(batch.to(device, non_blocking=True), rects, preprocess, bgr=True)  # (c, 3, h, w)
@@ -592,9 +597,7 @@ def _encode_chunks(
             items.append(list(range(s, min(s + images_per_item, c.positions.stop))))
         last_item[len(items) - 1] = ci
     device = encoder.mean.device
-    dataset = _CropDataset(
-        records, boxes, preprocess, {"pil": "crops", "tensor": "decode"}.get(resize_backend, "stack")
-    )
+    dataset = _CropDataset(records, boxes, preprocess, _WORKER_MODE[resize_backend])
     loader = _loader(dataset, items, num_workers, None, pin=device.type == "cuda")
     pending: list[Tensor] = []
     num_pending = 0
@@ -602,7 +605,7 @@ def _encode_chunks(
     for item_index, item in enumerate(loader):
         if item["error"] is not None:
             _raise(item["error"])
-        crops = _item_crops(item, boxes, records, preprocess, device, batched=resize_backend == "batched")
+        crops = _item_crops(item, boxes, records, preprocess, device)
         pending.append(crops)
         num_pending += len(crops)
         while num_pending >= batch_size:
