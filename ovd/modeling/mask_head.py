@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import roi_align
+
+from ovd.modeling.roi_align import MultiScaleRoIAlign
 
 MASK_TARGET_THRESHOLD = 0.5
 """A RoIAligned ground-truth mask value ≥ this is a positive target pixel (detectron2 ``crop_and_resize``)."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import MultiScaleRoIAlign, RoIAlign, batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ovd.losses import (
     box_regression_loss,
@@ -29,6 +29,7 @@ from ovd.losses import (
 )
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
+from ovd.modeling.roi_align import MultiScaleRoIAlign, RoIAlign
 from ovd.structures import Detections
 
 # detectron2's clamp on predicted log-scale deltas (Box2BoxTransform._DEFAULT_SCALE_CLAMP).
