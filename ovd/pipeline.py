@@ -408,10 +408,11 @@ def run_pipeline(
                     field="stages",
                 )
             continue
-        multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
+        done = multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
         for n, (proc, t0) in list(running.items()):
-            if proc.exitcode is None:
+            if proc.sentinel not in done:
                 continue
+            # a ready sentinel means the process is ending, not yet reaped (exitcode may still be None): join
             proc.join()
             del running[n]
             times[n] = time.perf_counter() - t0

@@ -77,7 +77,8 @@ def _grid(length: Tensor, bins: int, sampling_ratio: int) -> Tensor:
 
 
 WINDOW_GROUPS = 4
-"""The backward pass sorts regions by size and pads windows per group of this many equal parts."""
+"""The backward pass sorts the regions by area into this many equal groups; a group's windows are padded
+to its largest (a speed setting: the gradient is the same up to float rounding)."""
 
 
 def roi_align_backward(
