@@ -279,6 +279,20 @@ def _dependencies(pipe: PipelineCfg, cfg: Config, needs_regions: bool) -> set[st
     return deps
 
 
+def _wait_for_exits(running: dict[str, tuple[Any, float]]) -> list[tuple[str, Any, float]]:
+    """Block until at least one stage process ends; remove the ended ones from ``running`` and return them
+    as ``(stage, process, start time)``, joined. A ready sentinel means the process is ending but maybe not
+    yet reaped (its ``exitcode`` can still be ``None``), so ended processes are told by their sentinels."""
+    done = multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
+    ended = []
+    for n, (proc, t0) in list(running.items()):
+        if proc.sentinel in done:
+            proc.join()
+            del running[n]
+            ended.append((n, proc, t0))
+    return ended
+
+
 def run_pipeline(
     pipeline_file: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
@@ -408,13 +422,7 @@ def run_pipeline(
                     field="stages",
                 )
             continue
-        done = multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
-        for n, (proc, t0) in list(running.items()):
-            if proc.sentinel not in done:
-                continue
-            # a ready sentinel means the process is ending, not yet reaped (exitcode may still be None): join
-            proc.join()
-            del running[n]
+        for n, proc, t0 in _wait_for_exits(running):
             times[n] = time.perf_counter() - t0
             if proc.exitcode != 0 or not is_finished(out / n):
                 failed.append(n)

@@ -212,3 +212,27 @@ def test_long_tailed_pipeline_reports_apr(tmp_path):
     )
     wt = json.loads((tmp_path / "out" / "wt" / "eval" / "metrics.json").read_text())
     assert "APr" in wt["segm"] and "fidelity_cosine_novel" in wt
+
+
+def test_an_ended_stage_is_reaped_even_before_its_exit_code_is_known():
+    """A process's sentinel can be ready while ``exitcode`` is still None (not yet reaped): such a stage has
+    ended and must be joined and reported, not taken for running (its time would then include whatever the
+    pipeline does next)."""
+    import multiprocessing
+
+    from ovd.pipeline import _wait_for_exits
+
+    class Ending:  # sentinel ready, exit code known only after join()
+        def __init__(self) -> None:
+            self.reader, self.writer = multiprocessing.Pipe(duplex=False)
+            self.sentinel = self.reader
+            self.exitcode = None
+
+        def join(self) -> None:
+            self.exitcode = 0
+
+    ended, running_proc = Ending(), Ending()
+    ended.writer.send(b"x")  # makes its sentinel ready
+    running = {"a": (ended, 1.0), "b": (running_proc, 2.0)}
+    assert _wait_for_exits(running) == [("a", ended, 1.0)]
+    assert ended.exitcode == 0 and list(running) == ["b"] and running_proc.exitcode is None
