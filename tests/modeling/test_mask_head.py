@@ -93,6 +93,23 @@ def test_paste_round_trip_on_a_square():
     assert paste_masks(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (5, 7)).shape == (0, 5, 7)
 
 
+def test_paste_equals_torchvision_bitwise():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    gen = torch.Generator().manual_seed(0)
+    for h, w in [(64, 64), (50, 83)]:
+        xy = torch.rand(40, 2, generator=gen) * 60
+        boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=gen) * 40 + 0.2], dim=1)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes[0] = torch.tensor([3.0, 4.0, 3.2, 4.1])  # smaller than a pixel
+        boxes[1] = torch.tensor([0.0, 0.0, w, h])  # the whole image
+        masks = torch.rand(40, 1, 28, 28, generator=gen)
+        assert torch.equal(paste_masks(masks, boxes, (h, w)), paste_masks_in_image(masks, boxes, (h, w))[:, 0])
+    # a box beyond the image (torchvision raises): nothing pasted
+    assert not paste_masks(torch.ones(1, 1, 28, 28), torch.tensor([[70.0, 70.0, 90.0, 90.0]]), (64, 64)).any()
+
+
 def test_detections_carry_masks():
     d = Detections(torch.rand(3, 4), torch.rand(3), torch.arange(3), torch.rand(3, 1, 28, 28))
     sub = d[torch.tensor([2, 0])]
