@@ -159,7 +159,7 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Tensor:
-    """``torchvision.ops.roi_align`` (``rois`` as a ``Tensor[R, 5]``), with the sparse backward on CPU."""
+    """``torchvision.ops.roi_align`` (``rois`` as a ``Tensor[R, 5]``), with the window-matmul backward on CPU."""
     if features.device.type == "cpu" and features.requires_grad and torch.is_grad_enabled():
         return _RoIAlignFunction.apply(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
