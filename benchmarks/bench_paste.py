@@ -17,11 +17,10 @@ import sys
 import time
 
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from ovd.modeling.mask_head import paste_masks
-from ovd.utils.io import atomic_open
 
 
 def inputs(num: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +67,7 @@ def main() -> None:
             times["ovd"].append(time.perf_counter() - t)
         tv, ours = statistics.median(times["tv"]), statistics.median(times["ovd"])
         lines.append(f"| {height}x{width} | {tv * 1e3:.1f} | {ours * 1e3:.1f} | {tv / ours:.2f}x | {same} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(report)
+    emit_report(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
 from torchvision.ops import roi_align as tv_roi_align
 
 import ovd.modeling.roi_align as ovd_roi_align
 from ovd.config import load_config
 from ovd.modeling.build import build_model
-from ovd.utils.io import atomic_open
 
 NUM_IMAGES, IMAGE_SIZE, CHANNELS = 8, 256, 64
 LEVELS = {3: 8, 4: 16, 5: 32}  # FPN level -> stride
@@ -146,11 +145,7 @@ def main() -> None:
         ):
             tv, ours = result["torchvision"], result["ovd"]
             lines.append(f"| {threads} | {label} | {tv * 1e3:.1f} | {ours * 1e3:.1f} | {tv / ours:.2f}x |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(report)
+    emit_report(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def emit_report(lines: list[str], output: str) -> None:
+    """Print a markdown report and, when ``output`` is set, write it there atomically."""
+    from ovd.utils.io import atomic_open
+
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if output:
+        with atomic_open(output, "w") as f:
+            f.write(report)
