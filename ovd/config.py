@@ -184,6 +184,9 @@ class InputCfg:
 
     min_size_train: list[int] = field(default_factory=lambda: [800])  # short-side choices (or [lo, hi])
     min_size_train_sampling: str = "choice"  # choice | range
+    # one short side per batch instead of per image: no image is zero-padded up to a larger one of its
+    # batch (per image, a batch of 8 short sides in [224, 288] pads to 288: ~25 % more pixels)
+    size_per_batch: bool = False
     max_size_train: int = 1333  # cap on the long side, training
     min_size_test: int = 800  # short side at inference
     max_size_test: int = 1333  # cap on the long side at inference

@@ -391,9 +391,13 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
     if clip.image_size != (cfg.crop_size, cfg.crop_size):
         raise OVDError(f"crop_size {cfg.crop_size} differs from {cfg.model_name}'s input size {clip.image_size}")
     model = clip.model
+    # channels-last convolutions: ~20 % faster steps of the small conv tower on the CPU (same maths)
+    model.visual.to(memory_format=torch.channels_last)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1.0 / cfg.temperature_init))
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    # fused: one kernel for all parameters (the per-tensor loop was ~20 % of a one-thread step, most
+    # of it on the 3.2M-parameter token embedding); same update rule, different float rounding
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=True)
     pixels = torch.from_numpy(images)  # (N, H, W, 3) uint8
     labels_t = torch.from_numpy(labels)  # (N,)
     tokens = clip.tokenizer(captions)  # (N, L)
@@ -414,7 +418,7 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         x = augment(pixels[idx].permute(0, 3, 1, 2).float().div(255.0), cfg, g)  # (B, 3, H, W)
-        x = _normalize(x, clip)  # (B, 3, H, W)
+        x = _normalize(x, clip).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
         if cfg.label_aware:  # encode each distinct caption once; its label is its crop's class
             first = _first_occurrence(caption_ids[idx])  # (U,)
             text_idx, image_labels, text_labels = idx[first], labels_t[idx], labels_t[idx[first]]
@@ -438,6 +442,7 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
         bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{float(logit_scale.detach()):.1f}")
     bar.close()
     model.eval()
+    model.visual.to(memory_format=torch.contiguous_format)  # the checkpoint stores plain tensors
     train_s = time.perf_counter() - start - render_s
 
     sha = save_clip_checkpoint(model, output)

@@ -9,7 +9,10 @@ Training data order is a pure function of ``(seed, rank, world_size)``:
    a batch when it holds ``batch_size`` items (detectron2 ``AspectRatioGroupedDataset``, but on
    indices, so it is deterministic and nothing is decoded).
 4. Each emitted item gets a ``sample_seed`` derived from ``(seed, epoch, position)``
-   (:func:`sample_seed`) that seeds its augmentation, whichever worker decodes it.
+   (:func:`sample_seed`) that seeds its augmentation, whichever worker decodes it. With one short
+   side per batch (``size_per_batch``), the items of a batch also carry the batch's first seed,
+   from which each draws the same short side (:func:`short_side_rng`): no image is padded up to a
+   larger one of its batch.
 
 Resuming at iteration ``k`` (``start_iter=k``) replays steps 1-3 on indices only and drops the
 first ``k`` batches, so the data order continues exactly. The pieces are separate functions so a
@@ -120,7 +123,8 @@ class DetectionDataset(Dataset):
         records: the images.
         augmentation: sampled once per item.
         seed: with a plain int index, the augmentation is seeded by ``(seed, index)``; with
-            ``(index, sample_seed)`` by ``sample_seed`` alone.
+            ``(index, sample_seed)`` by ``sample_seed`` alone; with ``(index, sample_seed, size_seed)``
+            the short side comes from :func:`short_side_rng` of ``size_seed`` (shared by a batch).
     """
 
     def __init__(
@@ -141,16 +145,19 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> dict[str, Any]:
+        short_rng = None
         if isinstance(key, tuple):
-            idx, seed = key
+            idx, seed = key[0], key[1]
             rng = np.random.default_rng(seed)
+            if len(key) == 3:
+                short_rng = short_side_rng(key[2])
         else:
             idx = key
             rng = np.random.default_rng((self.seed, idx))
         rec = self.records[idx]
         img = read_record_image(rec)
-        params = self.augmentation.sample(rec.height, rec.width, rng)
+        params = self.augmentation.sample(rec.height, rec.width, rng, short_rng)
         img = params.apply_image(img)  # (H, W, 3)
         boxes = params.apply_boxes(rec.boxes)  # (N, 4)
         keep = _non_degenerate(boxes)
@@ -301,6 +308,11 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def short_side_rng(size_seed: int) -> np.random.Generator:
+    """The generator of a batch's shared short side (a stream distinct from the items' own)."""
+    return np.random.default_rng((size_seed, 1))
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise OVDError(f"invalid rank {rank} for world size {world_size}")
@@ -310,7 +322,8 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Infinite, deterministic, resumable, distributed batch sampler.
 
     Yields batches ``[(index, sample_seed), ...]`` of ``batch_size`` items from one aspect group
-    (see the module docstring for the exact stream). Has no length.
+    (see the module docstring for the exact stream), or ``[(index, sample_seed, size_seed), ...]``
+    with ``size_per_batch``. Has no length.
 
     Args:
         records: the images (only ``width``/``height`` are read).
@@ -319,6 +332,8 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
         rank, world_size: this process's shard of the global stream.
         start_iter: number of batches of this rank to skip (resume).
         group_by_aspect: bucket by landscape/portrait; if False every item goes into one bucket.
+        size_per_batch: give the items of a batch one short side (their first item's seed as
+            ``size_seed``); the data order and each item's ``sample_seed`` do not change.
     """
 
     def __init__(
@@ -331,6 +346,7 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
         start_iter: int = 0,
         group_by_aspect: bool = True,
+        size_per_batch: bool = False,
     ):
         if not records:
             raise OVDError("cannot sample training batches from an empty dataset")
@@ -350,15 +366,17 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank = rank
         self.world_size = world_size
         self.start_iter = start_iter
+        self.size_per_batch = size_per_batch
 
     def item_batches(self) -> Iterator[list[StreamItem]]:
         """Batches of :class:`StreamItem` (with epoch and position), from iteration 0."""
         stream = rank_index_stream(self.num_items, seed=self.seed, rank=self.rank, world_size=self.world_size)
         return group_into_batches(stream, lambda it: int(self.groups[it.index]), self.batch_size)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         for batch in itertools.islice(self.item_batches(), self.start_iter, None):
-            yield [(it.index, sample_seed(self.seed, it.epoch, it.position)) for it in batch]
+            keys = [(it.index, sample_seed(self.seed, it.epoch, it.position)) for it in batch]
+            yield [(*k, keys[0][1]) for k in keys] if self.size_per_batch else keys
 
 
 def seed_worker(worker_id: int) -> None:
@@ -382,6 +400,7 @@ def build_train_loader(
     start_iter: int = 0,
     regions: RegionLookup | None = None,
     num_regions: int = 0,
+    size_per_batch: bool = False,
 ) -> DataLoader:
     """Infinite training loader yielding ``list[dict]`` batches (see :class:`DetectionDataset`).
 
@@ -395,9 +414,16 @@ def build_train_loader(
         start_iter: batches to skip, to resume the exact data order.
         regions, num_regions: stored distillation regions added to every item (see
             :class:`DetectionDataset`).
+        size_per_batch: one short side per batch (see :class:`GroupedBatchSampler`).
     """
     sampler = GroupedBatchSampler(
-        records, batch_size, seed=seed, rank=rank, world_size=world_size, start_iter=start_iter
+        records,
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start_iter=start_iter,
+        size_per_batch=size_per_batch,
     )
     generator = torch.Generator()
     generator.manual_seed(seed)

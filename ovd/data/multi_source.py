@@ -13,7 +13,8 @@ so a batch never mixes sources.
 The global stream is drawn in chunks of :data:`CHUNK` items, chunk ``c`` from a generator seeded with
 ``(seed, c)``, identical on every rank; rank ``k`` of ``W`` takes positions ``k, k+W, k+2W, …``. The
 stream is therefore deterministic, resumable (skip ``start_iter`` batches) and sharded without
-communication. Each item carries its own augmentation seed derived from ``(seed, chunk, position)``.
+communication. Each item carries its own augmentation seed derived from ``(seed, chunk, position)``
+and, with one short side per batch (``size_per_batch``), its batch's first seed as ``size_seed``.
 
 Shape shorthand: ``S`` sources, ``N`` items over all sources.
 """
@@ -37,11 +38,13 @@ being changed between runs, so changing it changes the data order)."""
 
 
 class SourceItem(NamedTuple):
-    """One drawn item: its source, its index inside that source and its augmentation seed."""
+    """One drawn item: its source, its index inside that source and its augmentation seed; with one
+    short side per batch, ``size_seed`` is the seed all items of its batch draw it from (-1: none)."""
 
     source: int
     index: int
     seed: int
+    size_seed: int = -1
 
 
 def source_sample_weights(sizes: Sequence[int], ratios: Sequence[float]) -> np.ndarray:
@@ -102,6 +105,7 @@ class MultiSourceBatchSampler(Sampler[list[SourceItem]]):
         start_iter: batches of this rank to skip (resume).
         repeat_factors: optional per-source ``float[N_d]`` repeat factors (``None`` = uniform).
         group_by_aspect: bucket by landscape/portrait inside each source.
+        size_per_batch: one short side per batch (``size_seed`` = the batch's first item's seed).
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class MultiSourceBatchSampler(Sampler[list[SourceItem]]):
         start_iter: int = 0,
         repeat_factors: Sequence[np.ndarray | None] | None = None,
         group_by_aspect: bool = True,
+        size_per_batch: bool = False,
     ) -> None:
         if len(batch_sizes) != len(sources) or min(batch_sizes, default=0) < 1:
             raise OVDError(f"need a batch size >= 1 per source, got {list(batch_sizes)}", field="batch_size")
@@ -136,6 +141,7 @@ class MultiSourceBatchSampler(Sampler[list[SourceItem]]):
         self.rank = rank
         self.world_size = world_size
         self.start_iter = start_iter
+        self.size_per_batch = size_per_batch
 
     def _stream(self) -> Iterator[SourceItem]:
         """This rank's items of the global stream, forever."""
@@ -156,7 +162,8 @@ class MultiSourceBatchSampler(Sampler[list[SourceItem]]):
         return group_into_batches(self._stream(), key, lambda k: self.batch_sizes[k[0]])
 
     def __iter__(self) -> Iterator[list[SourceItem]]:
-        return itertools.islice(self.item_batches(), self.start_iter, None)
+        for batch in itertools.islice(self.item_batches(), self.start_iter, None):
+            yield [it._replace(size_seed=batch[0].seed) for it in batch] if self.size_per_batch else batch
 
 
 class MultiSourceDataset(Dataset):
@@ -171,7 +178,8 @@ class MultiSourceDataset(Dataset):
         self.datasets = list(datasets)
 
     def __getitem__(self, item: SourceItem) -> dict[str, Any]:
-        out = self.datasets[item.source][(item.index, item.seed)]
+        key = (item.index, item.seed) if item.size_seed < 0 else (item.index, item.seed, item.size_seed)
+        out = self.datasets[item.source][key]
         out["source"] = item.source
         return out
 

@@ -157,21 +157,29 @@ class ResizeFlipAugmentation:
         if not 0.0 <= self.flip_prob <= 1.0:
             raise OVDError(f"flip_prob must be in [0, 1], got {self.flip_prob}", field="flip_prob")
 
+    def _draw_short(self, rng: np.random.Generator) -> int:
+        if self.sample_style == "range":
+            return int(rng.integers(self.min_sizes[0], self.min_sizes[1] + 1))
+        return self.min_sizes[int(rng.integers(len(self.min_sizes)))]
+
     @classmethod
     def for_test(cls, short: int, max_size: int) -> ResizeFlipAugmentation:
         """The deterministic test-time transform: fixed short side, no flip."""
         return cls((short,), max_size, flip_prob=0.0)
 
-    def sample(self, h: int, w: int, rng: np.random.Generator) -> TransformParams:
+    def sample(
+        self, h: int, w: int, rng: np.random.Generator, short_rng: np.random.Generator | None = None
+    ) -> TransformParams:
         """Draw the transform of one ``h x w`` image.
 
         Always consumes exactly two draws from ``rng`` (short side, then flip), so the stream of
-        draws does not depend on the configuration.
+        draws does not depend on the configuration. With ``short_rng`` (one short side per batch:
+        every image of the batch passes a generator seeded alike) the short side is drawn from it
+        instead; ``rng``'s draw is then discarded, so the flip is the same as without it.
         """
-        if self.sample_style == "range":
-            short = int(rng.integers(self.min_sizes[0], self.min_sizes[1] + 1))
-        else:
-            short = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
+        short = self._draw_short(rng)
+        if short_rng is not None:
+            short = self._draw_short(short_rng)
         flip = bool(rng.random() < self.flip_prob)
         out_h, out_w = resize_shortest_edge_size(h, w, short, self.max_size)
         return TransformParams(orig_h=h, orig_w=w, out_h=out_h, out_w=out_w, flip=flip)

@@ -144,6 +144,7 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
             start_iter=start_iter,
             regions=src.regions,
             num_regions=cfg.model.distill.num_regions,
+            size_per_batch=cfg.input.size_per_batch,
         )
     from ovd.data.lvis import repeat_factors
 
@@ -160,6 +161,7 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
         world_size=dist.get_world_size(),
         start_iter=start_iter,
         repeat_factors=factors,
+        size_per_batch=cfg.input.size_per_batch,
     )
     datasets = [
         DetectionDataset(

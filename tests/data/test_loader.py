@@ -331,3 +331,30 @@ def test_test_loader_sharding(tmp_path: Path) -> None:
                 ids[d["image_id"]] += 1
                 assert not d["params"].flip
     assert ids == Counter({100 + i: 1 for i in range(5)})
+
+
+def test_size_per_batch_shares_one_short_side_per_batch(tmp_path: Path) -> None:
+    recs = _image_records(tmp_path, [(20, 20)] * 12)
+    aug = ResizeFlipAugmentation((8, 40), 100, sample_style="range")
+    kw = {"batch_size": 4, "seed": 2, "num_workers": 0}
+    per_image = list(itertools.islice(iter(build_train_loader(recs, aug, **kw)), 30))
+    per_batch = list(itertools.islice(iter(build_train_loader(recs, aug, size_per_batch=True, **kw)), 30))
+    # per image (detectron2): the short sides of a batch differ; per batch: one short side each
+    assert any(len({d["params"].out_h for d in b}) > 1 for b in per_image)
+    assert all(len({d["params"].out_h for d in b}) == 1 for b in per_batch)
+    sides = [b[0]["params"].out_h for b in per_batch]
+    assert len(set(sides)) > 5 and min(sides) >= 8 and max(sides) <= 40  # still drawn from the range
+    # the data order and each image's flip (its own seed) are those of per-image sampling
+    assert [[d["image_id"] for d in b] for b in per_batch] == [[d["image_id"] for d in b] for b in per_image]
+    assert [[d["params"].flip for d in b] for b in per_batch] == [[d["params"].flip for d in b] for b in per_image]
+    # resuming replays the same batch sizes
+    resumed = list(itertools.islice(iter(build_train_loader(recs, aug, size_per_batch=True, start_iter=10, **kw)), 5))
+    assert _summary(resumed) == _summary(per_batch[10:15])
+
+
+def test_size_per_batch_sampler_keys() -> None:
+    plain = _take(GroupedBatchSampler(RECORDS, 3, seed=4), 12)
+    shared = _take(GroupedBatchSampler(RECORDS, 3, seed=4, size_per_batch=True), 12)
+    for a, b in zip(plain, shared, strict=True):
+        assert [k[:2] for k in b] == a  # same items and item seeds
+        assert {k[2] for k in b} == {a[0][1]}  # the batch's first seed, on every item

@@ -78,3 +78,27 @@ def test_bad_arguments() -> None:
         source_sample_weights([3, 0], [1, 1])
     with pytest.raises(OVDError, match="batch size"):
         MultiSourceBatchSampler([records(3)], [1], [0], seed=0)
+
+
+def test_size_per_batch_tags_every_item_with_its_batch_seed() -> None:
+    sources = [records(30), records(40)]
+    plain = list(itertools.islice(iter(MultiSourceBatchSampler(sources, [1, 1], [2, 3], seed=5)), 20))
+    shared = list(
+        itertools.islice(iter(MultiSourceBatchSampler(sources, [1, 1], [2, 3], seed=5, size_per_batch=True)), 20)
+    )
+    for a, b in zip(plain, shared, strict=True):
+        assert all(it.size_seed == -1 for it in a)
+        assert [it._replace(size_seed=-1) for it in b] == a
+        assert {it.size_seed for it in b} == {a[0].seed}
+
+
+def test_dataset_forwards_the_size_seed() -> None:
+    from ovd.data.multi_source import MultiSourceDataset, SourceItem
+
+    class Keys:
+        def __getitem__(self, key):
+            return {"key": key}
+
+    ds = MultiSourceDataset([Keys(), Keys()])
+    assert ds[SourceItem(1, 4, 77)] == {"key": (4, 77), "source": 1}
+    assert ds[SourceItem(0, 2, 77, size_seed=5)] == {"key": (2, 77, 5), "source": 0}
