@@ -118,7 +118,9 @@ def main() -> int:
         args.seeds, args.root, args.config, args.parallel, args.threads, args.overrides, args.parallel_stages
     )
     text, raw = table(args.root, args.seeds)
-    teacher = json.loads((REPO / "datasets/ovshapes/teacher/ovshapes-clip.json").read_text())["accuracy"]
+    from ovd.clip.teacher import teacher_path  # $OVD_DATASETS (default ./datasets), as the pipelines use
+
+    teacher = json.loads(teacher_path().with_suffix(".json").read_text())["accuracy"]
     report = "\n".join(
         [
             "## OV-Shapes ablation over seeds",

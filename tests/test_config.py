@@ -111,3 +111,14 @@ def test_ovshapes_ablation_is_the_main_job_plus_the_control():
     control = [s for s in ablation.stages if s.name == "base_continued"]
     assert [s.config for s in control] == ["base_continued.yaml"]
     assert replace(ablation, stages=[s for s in ablation.stages if s.name != "base_continued"]) == main
+
+
+def test_ovshapes_base_only_is_the_main_jobs_first_stage():
+    """configs/ovshapes/base_only.yaml (issue #3's main job) trains exactly the main job's base stage."""
+    from pathlib import Path
+
+    from ovd.pipeline import load_pipeline
+
+    root = Path(__file__).parents[1] / "configs" / "ovshapes"
+    main, base_only = load_pipeline(root / "pipeline.yaml"), load_pipeline(root / "base_only.yaml")
+    assert base_only.stages == main.stages[:1] and base_only.teacher and base_only.demo_images == main.demo_images

@@ -1,0 +1,162 @@
+"""Benchmark: one training step of the OV-Shapes detector and of its CLIP teacher (session 8).
+
+Detector: the recipe (`configs/ovshapes/base.yaml`: FPN 64 channels, 128 sampled RoIs per image, RPN
+600 → 300 boxes before/after NMS, short side uniform in [224, 288] per image, so a batch of 8 is
+zero-padded to its largest image) against the cheaper candidates tried on the dev split in session 8
+(one short side of {224, 256, 288} per batch, 64 RoIs, RPN 300 → 150; and the same with FPN 32). All
+read the same OV-Shapes training images in the same order through the real data loader (batches cached
+first, loading excluded); forward + backward + SGD step, variants interleaved round by round in one
+process; medians.
+
+Teacher: a step of `ovd.clip.teacher` training (128 augmented 32-px crops + their texts, CLIP loss,
+AdamW) with the per-tensor AdamW and contiguous tensors (before session 8) against fused AdamW and
+channels-last convolutions (now).
+
+    python benchmarks/bench_ovshapes_step.py --threads 1 2 --output benchmarks/results/ovshapes_step.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+
+from ovd.config import load_config
+from ovd.engine.trainer import _build_loader, _train_sources, build_optimizer
+from ovd.modeling.build import build_model
+
+BASE = Path(__file__).resolve().parents[1] / "configs" / "ovshapes" / "base.yaml"
+CANDIDATE = [  # session 8's cheaper step (dev split: PIS 8-9 novel AP50 lower on one seed, not adopted)
+    "input.min_size_train=[224,256,288]",
+    "input.min_size_train_sampling=choice",
+    "input.size_per_batch=true",
+    "model.roi_heads.batch_size_per_image=64",
+    "model.rpn.pre_nms_top_n_train=300",
+    "model.rpn.post_nms_top_n_train=150",
+]
+VARIANTS = {
+    "recipe": [],
+    "per-batch sizes, 64 RoIs, RPN 300/150": CANDIDATE,
+    "the same + FPN 32": [*CANDIDATE, "model.backbone.fpn_channels=32"],
+}
+
+
+def detector_steps(overrides: list[str], num_batches: int):
+    """A closure running one training step per cached batch, and the mean padded pixels per image."""
+    cfg = load_config(BASE, ["clip.pretrained=", "data.num_workers=0", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg, class_embeddings=torch.nn.functional.normalize(torch.randn(16, 64), dim=1)).train()
+    optimizer = build_optimizer(cfg.solver, model)
+    loader = _build_loader(cfg, _train_sources(cfg, 1), 0)
+    batches = list(itertools.islice(iter(loader), num_batches))
+    padded = []
+    for batch in batches:
+        h = max(d["image"].shape[1] for d in batch)
+        w = max(d["image"].shape[2] for d in batch)
+        padded.append((-(-h // 32) * 32) * (-(-w // 32) * 32))
+    inputs = [([d["image"] for d in b], [{"boxes": d["boxes"], "labels": d["labels"]} for d in b]) for b in batches]
+
+    def run() -> float:
+        t = time.perf_counter()
+        for images, targets in inputs:
+            optimizer.zero_grad(set_to_none=True)
+            sum(model(images, targets).values()).backward()
+            optimizer.step()
+        return (time.perf_counter() - t) / len(inputs)
+
+    return run, statistics.mean(padded)
+
+
+def teacher_step(after: bool):
+    """A closure timing one teacher training step (mean of 5)."""
+    from ovd.clip import create_clip
+    from ovd.clip.teacher import TeacherConfig, _normalize, _param_groups, augment, contrastive_loss
+
+    cfg = TeacherConfig()
+    torch.manual_seed(0)
+    clip = create_clip(cfg.model_name)
+    model = clip.model.train()
+    if after:
+        model.visual.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=after)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (cfg.batch_size, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 16, (cfg.batch_size,), generator=gen)
+    tokens = clip.tokenizer([f"a photo of a shape number {i}" for i in range(cfg.batch_size + 16)])
+    text_labels = torch.cat([labels, torch.arange(16)])
+
+    def run() -> float:
+        t = time.perf_counter()
+        for _ in range(5):
+            x = _normalize(augment(pixels.permute(0, 3, 1, 2).float().div(255.0), cfg, gen), clip)
+            if after:
+                x = x.contiguous(memory_format=torch.channels_last)
+            image_features, text_features, scale = model(x, tokens)
+            loss = contrastive_loss(image_features, text_features, scale, labels, text_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - t) / 5
+
+    return run
+
+
+def interleaved(runs: dict[str, object], rounds: int) -> dict[str, float]:
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
+    parser.add_argument("--batches", type=int, default=12, help="cached detector batches per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--output", default="", help="also write the markdown report here")
+    args = parser.parse_args()
+
+    detector, pixels = {}, {}
+    for name, overrides in VARIANTS.items():
+        detector[name], pixels[name] = detector_steps(overrides, args.batches)
+    teacher = {"before session 8 (per-tensor AdamW, contiguous)": teacher_step(False),
+               "now (fused AdamW, channels-last)": teacher_step(True)}  # fmt: skip
+    lines = [
+        "## OV-Shapes training steps: detector variants and the CLIP teacher",
+        "",
+        f"Command: `{shlex.join(['python', 'benchmarks/bench_ovshapes_step.py', *sys.argv[1:]])}`",
+        "",
+        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available, {cpu_model()}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}.",
+        f"- Detector: {args.batches} real batches of 8 OV-Shapes training images (the same images for every "
+        f"variant), forward + backward + SGD step, medians of {args.rounds} interleaved rounds. Mean padded "
+        "pixels per image: " + ", ".join(f"{k} {v:,.0f}" for k, v in pixels.items()) + ".",
+        "- Teacher: one step on 128 crops (mean of 5 steps), medians of the interleaved rounds.",
+        "",
+        "| threads | model | variant | step (ms) | speed-up vs the first row |",
+        "|---:|---|---|---:|---:|",
+    ]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for label, runs in (("detector", detector), ("teacher", teacher)):
+            medians = interleaved(runs, args.rounds)
+            first = next(iter(medians.values()))
+            for name, t in medians.items():
+                lines.append(f"| {threads} | {label} | {name} | {t * 1e3:.0f} | {first / t:.2f}× |")
+    emit_report(lines, args.output)
+
+
+if __name__ == "__main__":
+    main()
