@@ -35,7 +35,7 @@ from ovd.engine.trainer import _build_loader, _train_sources, build_optimizer
 from ovd.modeling.build import build_model
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "ovshapes" / "base.yaml"
-CANDIDATE = [  # session 8's cheaper step (dev split: PIS 8-9 novel AP50 lower on one seed, not adopted)
+CANDIDATE = [  # session 8's cheaper step (dev split: PIS ~9 novel AP50 lower, from the 64 RoIs; not adopted)
     "input.min_size_train=[224,256,288]",
     "input.min_size_train_sampling=choice",
     "input.size_per_batch=true",
