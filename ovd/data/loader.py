@@ -318,7 +318,7 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise OVDError(f"invalid rank {rank} for world size {world_size}")
 
 
-class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
+class GroupedBatchSampler(Sampler[list[tuple[int, ...]]]):
     """Infinite, deterministic, resumable, distributed batch sampler.
 
     Yields batches ``[(index, sample_seed), ...]`` of ``batch_size`` items from one aspect group

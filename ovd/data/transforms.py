@@ -177,7 +177,7 @@ class ResizeFlipAugmentation:
         every image of the batch passes a generator seeded alike) the short side is drawn from it
         instead; ``rng``'s draw is then discarded, so the flip is the same as without it.
         """
-        short = self._draw_short(rng)
+        short = self._draw_short(rng)  # drawn even when short_rng overrides it: the flip keeps its draw
         if short_rng is not None:
             short = self._draw_short(short_rng)
         flip = bool(rng.random() < self.flip_prob)
