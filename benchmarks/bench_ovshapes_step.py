@@ -3,7 +3,9 @@
 Detector: the recipe (`configs/ovshapes/base.yaml`: FPN 64 channels, 128 sampled RoIs per image, RPN
 600 → 300 boxes before/after NMS, short side uniform in [224, 288] per image, so a batch of 8 is
 zero-padded to its largest image) against the cheaper candidates tried on the dev split in session 8
-(one short side of {224, 256, 288} per batch, 64 RoIs, RPN 300 → 150; and the same with FPN 32). All
+(one short side of {224, 256, 288} per batch, 64 RoIs, RPN 300 → 150; and the same with FPN 32), and
+the recipe under bfloat16 autocast (`solver.amp_dtype=bfloat16`, session 9; fast where the CPU has
+AVX512-BF16 or AMX). All
 read the same OV-Shapes training images in the same order through the real data loader (batches cached
 first, loading excluded); forward + backward + SGD step, variants interleaved round by round in one
 process; medians.
@@ -31,7 +33,7 @@ import torch
 from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
 
 from ovd.config import load_config
-from ovd.engine.trainer import _build_loader, _train_sources, build_optimizer
+from ovd.engine.trainer import _build_loader, _train_sources, amp_dtype, build_optimizer
 from ovd.modeling.build import build_model
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "ovshapes" / "base.yaml"
@@ -47,6 +49,7 @@ VARIANTS = {
     "recipe": [],
     "per-batch sizes, 64 RoIs, RPN 300/150": CANDIDATE,
     "the same + FPN 32": [*CANDIDATE, "model.backbone.fpn_channels=32"],
+    "recipe, bfloat16 autocast": ["solver.amp=true", "solver.amp_dtype=bfloat16"],  # session 9 (opt-in)
 }
 
 
@@ -65,11 +68,15 @@ def detector_steps(overrides: list[str], num_batches: int):
         padded.append((-(-h // 32) * 32) * (-(-w // 32) * 32))
     inputs = [([d["image"] for d in b], [{"boxes": d["boxes"], "labels": d["labels"]} for d in b]) for b in batches]
 
+    dtype = amp_dtype(cfg.solver, torch.device("cpu"))  # as the trainer: None = float32
+
     def run() -> float:
         t = time.perf_counter()
         for images, targets in inputs:
             optimizer.zero_grad(set_to_none=True)
-            sum(model(images, targets).values()).backward()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                losses = model(images, targets)
+            sum(v.float() for v in losses.values()).backward()
             optimizer.step()
         return (time.perf_counter() - t) / len(inputs)
 

@@ -241,7 +241,10 @@ class SolverCfg:
     max_iter: int = 90000
     checkpoint_period: int = 10000  # save every N iterations (and always at the end)
     clip_grad_norm: float = 0.0  # max global gradient norm; 0 = no clipping
-    amp: bool = False  # mixed precision on CUDA (float16 autocast + GradScaler)
+    amp: bool = False  # mixed-precision training: autocast to amp_dtype
+    # float16: CUDA only, with a GradScaler (on a CPU training stays float32, with a warning);
+    # bfloat16: CUDA or CPU, no scaler (fast on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere)
+    amp_dtype: str = "float16"
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,30 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
     )
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(solver: SolverCfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training on ``device`` (``solver.amp`` / ``solver.amp_dtype``), None for float32.
+
+    Raises:
+        OVDError: ``solver.amp_dtype`` is not float16 or bfloat16.
+    """
+    if solver.amp_dtype not in AMP_DTYPES:
+        raise OVDError(f"solver.amp_dtype: unknown {solver.amp_dtype!r} (valid: {', '.join(AMP_DTYPES)})")
+    if not solver.amp:
+        return None
+    dtype = AMP_DTYPES[solver.amp_dtype]
+    if dtype is torch.float16 and device.type != "cuda":
+        logger.warning(
+            "solver.amp: float16 autocast runs on CUDA only; training in float32 on %s "
+            "(solver.amp_dtype=bfloat16 gives mixed precision there)",
+            device.type,
+        )
+        return None
+    return dtype
+
+
 def build_optimizer(solver: SolverCfg, model: nn.Module) -> torch.optim.SGD:
     """SGD with momentum; normalisation-layer parameters get ``weight_decay_norm``."""
     decay, no_decay = [], []
@@ -271,8 +295,8 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         gamma=solver.gamma,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    use_amp = solver.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast_dtype = amp_dtype(solver, device)  # None: float32
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype is torch.float16)  # bfloat16 needs no scaling
 
     start_iter = 0
     ckpt = last_checkpoint(out) if resume else None
@@ -331,8 +355,9 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         images = [b["image"] for b in batch]
         targets = [{k: b[k] for k in _TARGET_KEYS if k in b} for b in batch]
         supervision = sources[batch[0].get("source", 0)].cfg.supervision
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             losses = model(images, targets, supervision)
+        losses = {k: v.float() for k, v in losses.items()}  # summed and logged in float32 under any autocast
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise FloatingPointError(
