@@ -213,7 +213,20 @@ class SourceCfg:
 
 
 @dataclass(frozen=True)
+class CustomDatasetCfg:
+    """A COCO-format dataset of your own, registered in the catalog under ``name`` (``ovd.data.custom``)."""
+
+    name: str = ""  # catalog name, used by data.train / data.test / data.sources[].dataset
+    ann_file: str = ""  # COCO JSON; relative paths are under $OVD_DATASETS
+    image_root: str = ""  # folder that the annotation's file_name entries are relative to
+    novel_classes: list[str] = field(default_factory=list)  # category names held out as novel; the rest are base
+    ann_type: str = "box"  # box | image (pos_category_ids only) | pseudo (one pseudo box per image label)
+
+
+@dataclass(frozen=True)
 class DataCfg:
+    # Datasets of your own, registered before anything reads the catalog (README: "Your own dataset").
+    custom: list[CustomDatasetCfg] = field(default_factory=list)
     # Multi-source training (PIS): when non-empty, replaces `train`/`region_store` and
     # solver.ims_per_batch (each source has its own batch size).
     sources: list[SourceCfg] = field(default_factory=list)

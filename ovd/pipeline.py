@@ -22,8 +22,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ovd.config import Config, _check_keys, load_config
+from ovd.config import Config, CustomDatasetCfg, _check_keys, load_config
 from ovd.data.catalog import get_dataset
+from ovd.data.custom import register_custom_datasets
 from ovd.errors import OVDError
 from ovd.utils.io import write_json
 
@@ -255,7 +256,23 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _stage_process(cfg: Config, stage_dir: Path, pipe: PipelineCfg, output_dir: Path, threads: int) -> None:
+def _all_custom_datasets(configs: list[Config]) -> list[CustomDatasetCfg]:
+    """The ``data.custom`` entries of every stage, each name once (the first stage declaring it wins)."""
+    seen: dict[str, CustomDatasetCfg] = {}
+    for cfg in configs:
+        for spec in cfg.data.custom:
+            seen.setdefault(spec.name, spec)
+    return list(seen.values())
+
+
+def _stage_process(
+    cfg: Config,
+    stage_dir: Path,
+    pipe: PipelineCfg,
+    output_dir: Path,
+    threads: int,
+    custom: list[CustomDatasetCfg],
+) -> None:
     """Entry point of a stage trained in its own (spawned) process."""
     import torch
 
@@ -263,7 +280,8 @@ def _stage_process(cfg: Config, stage_dir: Path, pipe: PipelineCfg, output_dir: 
     from ovd.utils.cli import setup_logging
 
     setup_logging()
-    register_pseudo_dataset(pipe, output_dir)  # the catalog entry lives in the parent's memory only
+    register_custom_datasets(custom)  # catalog entries live in the parent's memory only
+    register_pseudo_dataset(pipe, output_dir)
     if cfg.num_threads <= 0:  # "all cores" would oversubscribe the CPUs shared with sibling stages
         torch.set_num_threads(threads)
     train(cfg, stage_dir, resume=True)
@@ -323,7 +341,6 @@ def run_pipeline(
     if parallel_stages is not None:
         _check_parallel_stages(parallel_stages)
         pipe = replace(pipe, parallel_stages=parallel_stages)
-    register_pseudo_dataset(pipe, out)
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
     regions_dataset = pipe.regions.dataset or first.data.train
     store = regions_path(out, regions_dataset)
@@ -331,6 +348,9 @@ def run_pipeline(
     pseudo_store = regions_path(out, p.dataset) if p.dataset and p.own_regions else None  # regions of their own
     own = {p.name: pseudo_store} if pseudo_store else {}
     configs = [stage_config(pipeline_file, s, out, overrides or [], store, own) for s in pipe.stages]
+    custom = _all_custom_datasets(configs)
+    register_custom_datasets(custom)  # before anything reads the catalog
+    register_pseudo_dataset(pipe, out)
     known = {s.name for s in pipe.stages}
     for stage, cfg in zip(pipe.stages, configs, strict=True):
         if cfg.init_stage and cfg.init_stage not in known:
@@ -410,7 +430,8 @@ def run_pipeline(
                 trainer.train(configs[i], out / n, resume=True)
                 times[n] = time.perf_counter() - t0
                 break  # re-evaluate what is ready
-            proc = ctx.Process(target=_stage_process, args=(configs[i], out / n, pipe, out, threads), name=f"stage-{n}")
+            args = (configs[i], out / n, pipe, out, threads, custom)
+            proc = ctx.Process(target=_stage_process, args=args, name=f"stage-{n}")
             proc.start()
             running[n] = (proc, t0)
         if not running:

@@ -90,11 +90,15 @@ class Predictor:
         self._text_encoder = None
 
     def set_vocabulary(self, names: Sequence[str] | str) -> None:
-        """Detect these classes from now on: a list of free-text names, or a catalog dataset name."""
+        """Detect these classes from now on: a list of free-text names, or a catalog dataset name (a
+        ``data.custom`` dataset of the checkpoint's config included)."""
         from ovd.clip import build_text_embeddings, create_clip
         from ovd.data.catalog import get_dataset
 
         if isinstance(names, str):
+            from ovd.data.custom import register_custom_datasets
+
+            register_custom_datasets([s for s in self.cfg.data.custom if s.name == names])  # the run's own data
             names = list(get_dataset(names, prepare=False).class_names)
         names = [n.strip() for n in names]
         if not names:

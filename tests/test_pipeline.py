@@ -236,3 +236,35 @@ def test_an_ended_stage_is_reaped_even_before_its_exit_code_is_known():
     running = {"a": (ended, 1.0), "b": (running_proc, 2.0)}
     assert _wait_for_exits(running) == [("a", ended, 1.0)]
     assert ended.exitcode == 0 and list(running) == ["b"] and running_proc.exitcode is None
+
+
+def test_stage_processes_see_declared_datasets(tmp_path):
+    """A dataset declared in one stage's config (`data.custom`) is registered in the pipeline's process
+    and in every spawned stage process, including stages whose own config does not declare it."""
+    from ovd.data.catalog import get_dataset
+
+    files = {s: get_dataset(f"ovshapes_small_{s}") for s in ("train", "val")}  # generates the world
+    declared = (
+        "data.custom=["
+        + ", ".join(
+            f"{{name: mine_{s}, ann_file: '{info.ann_file_path}', image_root: '{info.image_root_path}', "
+            "novel_classes: [heart, crescent, ring, lightning bolt, tree, key]}"
+            for s, info in files.items()
+        )
+        + "]"
+    )
+    mine = [*FAST, "data.train=mine_train", "data.test=mine_val"]
+    spec = {
+        "parallel_stages": 2,
+        "stages": [
+            {"name": "a", "config": str(REPO / "configs/ovshapes/base.yaml"), "overrides": [*mine, declared]},
+            {"name": "b", "config": str(REPO / "configs/ovshapes/base.yaml"), "overrides": mine},
+        ],
+        "demo_images": 0,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = run_pipeline(path, tmp_path / "out")
+    rows = {r["stage"]: r for r in result["stages"]}
+    assert rows["a"]["AP50_all"] == pytest.approx(rows["b"]["AP50_all"])  # same data, seed and recipe
+    assert json.loads((tmp_path / "out" / "b" / "eval" / "metrics.json").read_text())["dataset"] == "mine_val"

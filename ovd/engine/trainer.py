@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_to_yaml, save_config
 from ovd.data.catalog import DatasetInfo, get_dataset
 from ovd.data.coco import category_image_counts, load_dataset
+from ovd.data.custom import register_custom_datasets
 from ovd.data.loader import DetectionDataset, build_train_loader, collate_list, seed_worker
 from ovd.data.multi_source import MultiSourceBatchSampler, MultiSourceDataset
 from ovd.data.transforms import ResizeFlipAugmentation
@@ -267,6 +268,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
 
     Returns the final evaluation metrics (empty if ``data.test`` is empty).
     """
+    register_custom_datasets(cfg.data.custom)
     device = dist.local_device(cfg.device)
     dist.init_distributed(device)
     if cfg.num_threads > 0:
@@ -429,6 +431,7 @@ def _log_metrics(writer: SummaryWriter | None, metrics: dict[str, Any], step: in
 
 def evaluate_checkpoint(cfg: Config, weights: str, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``--eval-only``: load ``weights`` into the model of ``cfg`` and evaluate on ``data.test``."""
+    register_custom_datasets(cfg.data.custom)
     device = dist.local_device(cfg.device)
     dist.init_distributed(device)
     out = Path(output_dir)

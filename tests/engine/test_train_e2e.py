@@ -29,12 +29,7 @@ FAST = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "datasets"  # shared across tests: generated once
-    monkeypatch.setenv("OVD_DATASETS", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("shared_datasets")
 
 
 def _cfg(*extra):
