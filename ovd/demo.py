@@ -1,5 +1,5 @@
-"""Run a :class:`~ovd.predictor.Predictor` on an image, a folder of images or a video; write annotated
-copies and ``detections.json``.
+"""Run a :class:`~ovd.predictor.Predictor` on an image, a folder of images, a video or a camera
+(``webcam`` / ``webcam:N``); write annotated copies and ``detections.json``.
 
 from ovd import Predictor
 from ovd.demo import run_demo
@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv"})
 DETECTIONS_FILE = "detections.json"
+# Camera inputs: "webcam" (device 0) or "webcam:N" (OpenCV device index N).
+CAMERA_PREFIX = "webcam"
 # Frame rate of the annotated video when the input does not report one (frames per second).
 DEFAULT_VIDEO_FPS = 25.0
 # (fourcc, container suffix) tried in order for the annotated video.
@@ -91,12 +93,32 @@ def parse_vocabulary(value: str) -> list[str] | str:
     return [name]
 
 
+def camera_index(value: str | os.PathLike[str]) -> int | None:
+    """The OpenCV device index of a camera input (``webcam`` → 0, ``webcam:2`` → 2), else None.
+
+    Raises:
+        OVDError: ``webcam:`` followed by something that is not a non-negative integer.
+    """
+    text = str(value)
+    if text == CAMERA_PREFIX:
+        return 0
+    if not text.startswith(CAMERA_PREFIX + ":"):
+        return None
+    index = text[len(CAMERA_PREFIX) + 1 :]
+    if not index.isdigit():
+        raise OVDError(f"expected webcam:N with a device number N >= 0, got {text!r}", field="input")
+    return int(index)
+
+
 def input_kind(path: str | os.PathLike[str]) -> str:
-    """``"image"``, ``"folder"`` or ``"video"``: by file type, then by what OpenCV can decode.
+    """``"image"``, ``"folder"``, ``"video"`` or ``"camera"`` (``webcam[:N]``): by name, then file type,
+    then by what OpenCV can decode.
 
     Raises:
         OVDError: the path is missing, or is neither a decodable image nor a video OpenCV can open.
     """
+    if not Path(path).exists() and camera_index(path) is not None:
+        return "camera"
     path = Path(path)
     if path.is_dir():
         return "folder"
@@ -214,14 +236,19 @@ def _open_video_writer(output_dir: Path, stem: str, fps: float, size: tuple[int,
     raise OVDError(f"cannot open a video writer with any of {codecs}", path=output_dir)
 
 
-def _video_frames(path: Path) -> tuple[Iterator[np.ndarray], int | None, float, Callable[[], None]]:
-    """BGR frames of a video, its frame count (``None`` if unknown), frame rate and a release function."""
-    cap = cv2.VideoCapture(str(path))
+def _video_frames(
+    path: Path, camera: int | None = None
+) -> tuple[Iterator[np.ndarray], int | None, float, Callable[[], None]]:
+    """BGR frames of a video (or of OpenCV camera ``camera``), its frame count (``None`` if unknown, as
+    for a camera), frame rate and a release function."""
+    cap = cv2.VideoCapture(camera if camera is not None else str(path))
     if not cap.isOpened():
         cap.release()
+        if camera is not None:
+            raise OVDError(f"cannot open camera {camera} (no such device, or no access to it)", field="input")
         raise OVDError("cannot open video (missing codec, or a corrupt or unsupported file)", path=path)
     count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
-    total = int(count) if math.isfinite(count) and count > 0 else None
+    total = int(count) if camera is None and math.isfinite(count) and count > 0 else None
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if math.isfinite(fps) and fps > 0 else DEFAULT_VIDEO_FPS
 
@@ -236,22 +263,44 @@ def _video_frames(path: Path) -> tuple[Iterator[np.ndarray], int | None, float, 
 
 
 def _annotate_video(
-    predictor: Predictor, path: Path, output_dir: Path, results: _CocoResults, progress: bool
+    predictor: Predictor,
+    path: Path,
+    output_dir: Path,
+    results: _CocoResults,
+    progress: bool,
+    *,
+    camera: int | None = None,
+    max_frames: int | None = None,
 ) -> tuple[list[str], list[str]]:
-    frames, total, fps, release = _video_frames(path)
+    """Annotate the frames of a video or a camera; a camera runs until ``max_frames`` or Ctrl-C, and
+    what was recorded until then is kept."""
+    frames, total, fps, release = _video_frames(path, camera)
+    if max_frames is not None:
+        total = max_frames if total is None else min(total, max_frames)
+    name = path.name if camera is None else f"{CAMERA_PREFIX}{camera}"
     writer = tmp = final = None
     try:
-        with tqdm(total=total, desc=path.name, unit="frame", disable=not progress, dynamic_ncols=True) as bar:
-            for index, frame_bgr in enumerate(frames):
-                frame = np.ascontiguousarray(frame_bgr[:, :, ::-1])  # BGR -> RGB
-                height, width = frame.shape[:2]
-                if writer is None:
-                    writer, tmp, final = _open_video_writer(output_dir, path.stem, fps, (width, height))
-                prediction = predictor(frame)
-                writer.write(_rgb_to_bgr(draw_detections(frame, prediction)))
-                results.add(prediction, file_name=path.name, height=height, width=width, frame_index=index)
-                bar.update()
+        with tqdm(total=total, desc=name, unit="frame", disable=not progress, dynamic_ncols=True) as bar:
+            try:
+                for index, frame_bgr in enumerate(frames):
+                    if max_frames is not None and index >= max_frames:
+                        break
+                    frame = np.ascontiguousarray(frame_bgr[:, :, ::-1])  # BGR -> RGB
+                    height, width = frame.shape[:2]
+                    if writer is None:
+                        stem = path.stem if camera is None else name
+                        writer, tmp, final = _open_video_writer(output_dir, stem, fps, (width, height))
+                    prediction = predictor(frame)
+                    writer.write(_rgb_to_bgr(draw_detections(frame, prediction)))
+                    results.add(prediction, file_name=name, height=height, width=width, frame_index=index)
+                    bar.update()
+            except KeyboardInterrupt:
+                if camera is None:
+                    raise
+                logger.info("%s: stopped after %d frames (Ctrl-C)", name, len(results.images))
         if writer is None:
+            if camera is not None:
+                raise OVDError(f"camera {camera} gave no frame", field="input")
             raise OVDError("no frame could be decoded (corrupt or unsupported video)", path=path)
         writer.release()
         os.replace(tmp, final)
@@ -270,8 +319,9 @@ def run_demo(
     output_dir: str | os.PathLike[str],
     *,
     progress: bool = True,
+    max_frames: int | None = None,
 ) -> dict[str, Any]:
-    """Detect on an image, a folder of images (sorted by name) or a video and write the results.
+    """Detect on an image, a folder of images (sorted by name), a video or a camera and write the results.
 
     Writes ``output_dir/<name>`` (annotated copy of each image, same name and format) or
     ``output_dir/<stem>_annotated.mp4`` (``.avi`` when no mp4v encoder is available), and
@@ -280,25 +330,32 @@ def run_demo(
 
     Args:
         predictor: detects with its current vocabulary and confidence threshold.
-        input_path: an image file, a folder of image files, or a video file.
+        input_path: an image file, a folder of image files, a video file, or ``webcam[:N]`` (OpenCV
+            camera N, default 0: recorded into ``webcam<N>_annotated.mp4`` until ``max_frames`` or Ctrl-C).
         output_dir: created if missing; must not be the input folder.
         progress: show a tqdm progress bar (with ETA) for folders and videos.
+        max_frames: stop a video or camera after this many frames (None: all; a camera until Ctrl-C).
 
     Returns:
-        ``{"kind": "image"|"folder"|"video", "num_images": images or frames processed,
+        ``{"kind": "image"|"folder"|"video"|"camera", "num_images": images or frames processed,
         "num_detections": int, "outputs": [annotated file paths], "detections": json path,
         "skipped": [unreadable image paths]}``.
 
     Raises:
         OVDError: missing input, a folder without images, an unreadable image or video.
     """
+    if max_frames is not None and max_frames < 1:
+        raise OVDError(f"must be >= 1, got {max_frames}", field="max_frames")
+    kind = input_kind(input_path)
     source = Path(input_path)
     out_dir = Path(output_dir)
-    kind = input_kind(source)
     results = _CocoResults(list(predictor.class_names))
-    if kind == "video":
+    if kind in ("video", "camera"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        written, skipped = _annotate_video(predictor, source, out_dir, results, progress)
+        camera = camera_index(input_path) if kind == "camera" else None
+        written, skipped = _annotate_video(
+            predictor, source, out_dir, results, progress, camera=camera, max_frames=max_frames
+        )
     else:
         if kind == "folder":
             files = sorted(
@@ -319,7 +376,7 @@ def run_demo(
             raise OVDError("none of the images in this folder could be decoded", path=source)
     json_path = out_dir / DETECTIONS_FILE
     write_json(json_path, results.to_json())
-    unit = "frames" if kind == "video" else "images"
+    unit = "frames" if kind in ("video", "camera") else "images"
     logger.info("%s: %d detections on %d %s → %s", source, len(results.annotations), len(results.images), unit, out_dir)
     return {
         "kind": kind,

@@ -256,3 +256,75 @@ def test_cli(checkpoint, images, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert str(tmp_path / "out" / images[0].name) in line and str(tmp_path / "out/detections.json") in line
     _check_detections(tmp_path / "out/detections.json", ["star", "moon"], 1)
+
+
+def test_camera_index():
+    from ovd.demo import camera_index, input_kind
+
+    assert camera_index("webcam") == 0 and camera_index("webcam:3") == 3
+    assert camera_index("clip.mp4") is None and camera_index("webcams") is None
+    with pytest.raises(OVDError, match="webcam:N"):
+        camera_index("webcam:front")
+    assert input_kind("webcam:1") == "camera"
+
+
+class _FakeCamera:
+    """cv2.VideoCapture for integer sources: an endless camera of shifted copies of one frame, which
+    raises KeyboardInterrupt (Ctrl-C) at read number ``interrupt_at``; other sources use OpenCV."""
+
+    frame: np.ndarray
+    interrupt_at: int | None = None
+    real = cv2.VideoCapture
+
+    def __new__(cls, source, *args):
+        if not isinstance(source, int):
+            return cls.real(source, *args)
+        return super().__new__(cls)
+
+    def __init__(self, source, *args):
+        self.reads = 0
+
+    def isOpened(self):  # noqa: N802 (OpenCV's name)
+        return True
+
+    def get(self, prop):
+        return 0.0  # cameras report no frame count; no frame rate here either (the default is used)
+
+    def read(self):
+        if self.interrupt_at is not None and self.reads == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.reads += 1
+        return True, np.roll(self.frame, 8 * self.reads, axis=1)
+
+    def release(self):
+        pass
+
+
+def test_camera_until_max_frames_or_ctrl_c(predictor, images, tmp_path, monkeypatch):
+    _FakeCamera.frame = cv2.imread(str(images[0]))[:240, :256]
+    monkeypatch.setattr(cv2, "VideoCapture", _FakeCamera)
+    summary = run_demo(predictor, "webcam:1", tmp_path / "a", progress=False, max_frames=3)
+    out = tmp_path / "a/webcam1_annotated.mp4"
+    assert summary["kind"] == "camera" and summary["num_images"] == 3 and summary["outputs"] == [str(out)]
+    data = _check_detections(tmp_path / "a/detections.json", predictor.class_names, 3)
+    assert [im["frame_index"] for im in data["images"]] == [0, 1, 2]
+    assert {im["file_name"] for im in data["images"]} == {"webcam1"}
+    cap = cv2.VideoCapture(str(out))  # a real reader: the file is a valid video of 3 frames
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    cap.release()
+    assert frames == 3
+    # Ctrl-C during the 5th read: the 4 frames recorded so far are kept, the JSON is written
+    monkeypatch.setattr(_FakeCamera, "interrupt_at", 4)
+    summary = run_demo(predictor, "webcam", tmp_path / "b", progress=False)
+    assert summary["num_images"] == 4 and (tmp_path / "b/webcam0_annotated.mp4").is_file()
+    _check_detections(tmp_path / "b/detections.json", predictor.class_names, 4)
+    assert not list((tmp_path / "b").glob(".*"))
+
+
+def test_camera_and_max_frames_errors(predictor, images, tmp_path):
+    with pytest.raises(OVDError, match="cannot open camera 57"):
+        run_demo(predictor, "webcam:57", tmp_path, progress=False)  # no such device here
+    with pytest.raises(OVDError, match="must be >= 1"):
+        run_demo(predictor, images[0], tmp_path, progress=False, max_frames=0)

@@ -1,10 +1,12 @@
-r"""Detect objects of any vocabulary in an image, a folder of images or a video.
+r"""Detect objects of any vocabulary in an image, a folder of images, a video or a webcam.
 
-Writes annotated images (same names) or ``<stem>_annotated.mp4``, and ``OUTPUT/detections.json``.
+Writes annotated images (same names) or ``<stem>_annotated.mp4`` (a camera: ``webcam<N>_annotated.mp4``,
+recorded until --max-frames or Ctrl-C), and ``OUTPUT/detections.json``.
 
 Example:
     python tools/demo.py --checkpoint output/ovshapes/base/model_final.pth --input photo.png \
         --output out/ --vocabulary "star, moon, tree"
+    python tools/demo.py --checkpoint C --input webcam:0 --output out/ --max-frames 300
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ def confidence(value: str) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth written by tools/train_net.py")
-    p.add_argument("--input", required=True, help="an image, a folder of images, or a video (.mp4/.avi/.mov/.mkv)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="an image, a folder of images, a video (.mp4/.avi/.mov/.mkv), or webcam[:N] (OpenCV camera N, default 0)",
+    )
     p.add_argument("--output", required=True, help="folder for the annotated files and detections.json")
     p.add_argument(
         "--vocabulary",
@@ -39,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--confidence", type=confidence, default=0.3, help="minimum score of a shown detection, 0-1 (default: 0.3)"
+    )
+    p.add_argument(
+        "--max-frames", type=int, help="stop a video or camera after this many frames (a camera: else Ctrl-C)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
@@ -54,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(args.checkpoint, confidence=args.confidence, device=args.device)
     if vocabulary is not None:
         predictor.set_vocabulary(vocabulary)
-    summary = run_demo(predictor, args.input, args.output, progress=not args.no_progress)
+    summary = run_demo(predictor, args.input, args.output, progress=not args.no_progress, max_frames=args.max_frames)
     outputs = summary["outputs"]
     annotated = outputs[0] if len(outputs) == 1 else f"{args.output} ({len(outputs)} annotated images)"
     print(
         f"{summary['num_detections']} detections on {summary['num_images']} "
-        f"{'frames' if summary['kind'] == 'video' else 'images'} → {annotated}, {summary['detections']}"
+        f"{'frames' if summary['kind'] in ('video', 'camera') else 'images'} → {annotated}, {summary['detections']}"
     )
     return 0
 
