@@ -256,13 +256,22 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _all_custom_datasets(configs: list[Config]) -> list[CustomDatasetCfg]:
-    """The ``data.custom`` entries of every stage, each name once (the first stage declaring it wins)."""
-    seen: dict[str, CustomDatasetCfg] = {}
-    for cfg in configs:
+def _all_custom_datasets(stages: list[StageCfg], configs: list[Config]) -> list[CustomDatasetCfg]:
+    """The ``data.custom`` entries of every stage, each name once.
+
+    Raises:
+        OVDError: two stages declare one name with different settings.
+    """
+    seen: dict[str, tuple[str, CustomDatasetCfg]] = {}
+    for stage, cfg in zip(stages, configs, strict=True):
         for spec in cfg.data.custom:
-            seen.setdefault(spec.name, spec)
-    return list(seen.values())
+            first = seen.setdefault(spec.name, (stage.name, spec))
+            if first[1] != spec:
+                raise OVDError(
+                    f"dataset {spec.name!r} is declared differently in stages {first[0]!r} and {stage.name!r}",
+                    field=f"{stage.name}.data.custom",
+                )
+    return [spec for _, spec in seen.values()]
 
 
 def _stage_process(
@@ -348,7 +357,7 @@ def run_pipeline(
     pseudo_store = regions_path(out, p.dataset) if p.dataset and p.own_regions else None  # regions of their own
     own = {p.name: pseudo_store} if pseudo_store else {}
     configs = [stage_config(pipeline_file, s, out, overrides or [], store, own) for s in pipe.stages]
-    custom = _all_custom_datasets(configs)
+    custom = _all_custom_datasets(list(pipe.stages), configs)
     register_custom_datasets(custom)  # before anything reads the catalog
     register_pseudo_dataset(pipe, out)
     known = {s.name for s in pipe.stages}

@@ -268,3 +268,17 @@ def test_stage_processes_see_declared_datasets(tmp_path):
     rows = {r["stage"]: r for r in result["stages"]}
     assert rows["a"]["AP50_all"] == pytest.approx(rows["b"]["AP50_all"])  # same data, seed and recipe
     assert json.loads((tmp_path / "out" / "b" / "eval" / "metrics.json").read_text())["dataset"] == "mine_val"
+
+
+def test_conflicting_declarations_are_an_error(tmp_path):
+    def stage(name, ann):
+        return {
+            "name": name,
+            "config": str(REPO / "configs/ovshapes/base.yaml"),
+            "overrides": [*FAST, f"data.custom=[{{name: mine, ann_file: {ann}}}]"],
+        }
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [stage("a", "one.json"), stage("b", "two.json")]}))
+    with pytest.raises(OVDError, match="'mine' is declared differently in stages 'a' and 'b'"):
+        run_pipeline(path, tmp_path / "out")
