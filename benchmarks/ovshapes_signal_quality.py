@@ -78,8 +78,8 @@ def main() -> None:
     vocab_dir = args.run / "pseudo_labels" / "text_embeddings"
     text = np.load(vocab_dir / "vocabulary.npy").astype(np.float32)  # (C, D)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    counts = {k: [0, 0] for k in ("recall_all", "recall_rkd", "teacher_top1", "pseudo_prec", "pseudo_cover")}
-    split_counts = {s: {k: [0, 0] for k in counts} for s in ("base", "novel")}
+    keys = ("recall_all", "recall_rkd", "teacher_top1", "pseudo_prec", "pseudo_cover")
+    split_counts = {s: {k: [0, 0] for k in keys} for s in ("base", "novel")}  # key -> [hits, total]
 
     per_class: dict[int, dict[str, list[int]]] = {}
 

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from ovd.config import CustomDatasetCfg
 
 ANN_TYPES = ("box", "image", "pseudo")
-_CUSTOM: set[str] = set()  # names registered from configs (may be re-registered with new files)
+# name -> the entry it was registered from: a config's dataset may be re-declared with other settings, and
+# re-declaring it with the same ones (every stage and evaluation of a run) does not read its file again
+_CUSTOM: dict[str, CustomDatasetCfg] = {}
 
 
 def custom_dataset_info(spec: CustomDatasetCfg, index: int = 0) -> DatasetInfo:
@@ -78,12 +80,14 @@ def register_custom_datasets(specs: Sequence[CustomDatasetCfg]) -> list[str]:
     _ensure_builtins()
     seen: set[str] = set()
     for i, spec in enumerate(specs):
-        info = custom_dataset_info(spec, i)
-        if info.name in seen:
-            raise OVDError(f"dataset {info.name!r} is declared twice", field=f"data.custom[{i}].name")
-        if info.name in list_datasets() and info.name not in _CUSTOM:
-            raise OVDError(f"{info.name!r} is a built-in dataset; choose another name", field=f"data.custom[{i}].name")
-        seen.add(info.name)
-        _CUSTOM.add(info.name)
-        register_dataset(info, overwrite=True)
+        if spec.name in seen:
+            raise OVDError(f"dataset {spec.name!r} is declared twice", field=f"data.custom[{i}].name")
+        seen.add(spec.name)
+        registered = spec.name in list_datasets()
+        if registered and spec.name not in _CUSTOM:
+            raise OVDError(f"{spec.name!r} is a built-in dataset; choose another name", field=f"data.custom[{i}].name")
+        if registered and _CUSTOM[spec.name] == spec:
+            continue  # already in the catalog from this very entry
+        register_dataset(custom_dataset_info(spec, i), overwrite=True)
+        _CUSTOM[spec.name] = spec
     return sorted(seen)

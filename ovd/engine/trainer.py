@@ -193,7 +193,7 @@ def amp_dtype(solver: SolverCfg, device: torch.device) -> torch.dtype | None:
         OVDError: ``solver.amp_dtype`` is not float16 or bfloat16.
     """
     if solver.amp_dtype not in AMP_DTYPES:
-        raise OVDError(f"solver.amp_dtype: unknown {solver.amp_dtype!r} (valid: {', '.join(AMP_DTYPES)})")
+        raise OVDError(f"unknown {solver.amp_dtype!r} (valid: {', '.join(AMP_DTYPES)})", field="solver.amp_dtype")
     if not solver.amp:
         return None
     dtype = AMP_DTYPES[solver.amp_dtype]

@@ -61,6 +61,12 @@ def test_category_order_and_novel_ids(tmp_path):
     # re-declaring a config dataset with other settings replaces it (a later run, another split)
     register_custom_datasets([CustomDatasetCfg(name="mine", ann_file=str(ann), novel_classes=["mug"])])
     assert get_dataset("mine").novel_classes == (1,)
+    # the same entry again (every stage of a run registers it) does not read the file again
+    ann.unlink()
+    register_custom_datasets([CustomDatasetCfg(name="mine", ann_file=str(ann), novel_classes=["mug"])])
+    assert get_dataset("mine").novel_classes == (1,)
+    with pytest.raises(OVDError, match="ann.json"):  # ... but changed settings do
+        register_custom_datasets([CustomDatasetCfg(name="mine", ann_file=str(ann))])
 
 
 def test_errors_name_the_field(tmp_path):
@@ -131,7 +137,7 @@ def test_training_on_a_declared_dataset_equals_the_builtin(tmp_path):
 
     for name in ("myshapes_train", "myshapes_val"):
         _CATALOG.pop(name)
-        custom._CUSTOM.discard(name)
+        custom._CUSTOM.pop(name)
     predictor = Predictor(tmp_path / "custom" / "model_final.pth", device="cpu")
     predictor.set_vocabulary("myshapes_val")
     assert predictor.class_names == list(get_dataset("ovshapes_small_val").class_names)
