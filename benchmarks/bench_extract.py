@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pickle
 import platform
@@ -104,6 +105,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
+def crop_kernels_only(clip, records, store: RegionStore, args, dtype: torch.dtype) -> float:
+    """Seconds that the batched backend's crop kernels alone take for all regions of ``records``, on
+    image batches already on the device (tasks of ``batch_size / 10`` images, as the extraction)."""
+    from ovd.distill.extract import CropPreprocess, batched_crop_resize, crop_rects, pad_stack
+
+    prep = CropPreprocess.from_clip(clip)
+    per_task = max(1, args.batch_size // 10)
+    tasks = []
+    for i in range(0, min(len(records), 50 * per_task), per_task):
+        recs = records[i : i + per_task]
+        images = [cv2.imread(r.file_name) for r in recs]
+        batch = torch.from_numpy(pad_stack(images)).to(clip.device)
+        tasks.append((batch, [crop_rects(store.lookup(r.image_id)[0], r.height, r.width) for r in recs]))
+    batched_crop_resize(tasks[0][0], tasks[0][1], prep, bgr=True, dtype=dtype)  # warm-up
+    _sync(clip.device)
+    start = time.perf_counter()
+    for batch, rects in tasks:
+        batched_crop_resize(batch, rects, prep, bgr=True, dtype=dtype)
+    _sync(clip.device)
+    regions = sum(len(r) for _, rects in tasks for r in rects)
+    return (time.perf_counter() - start) * store.metadata["num_regions"] / regions
+
+
 def preprocessed_crops(clip, records, store: RegionStore, limit: int) -> torch.Tensor:
     from PIL import Image
 
@@ -123,12 +148,14 @@ def bench_model(name, records, props, work: Path, args) -> list[dict]:
     source = FileProposals(props)
     ours = {}
     for backend in args.backends:
-        out = work / f"store_{name}_{backend}"
+        resize, *opts = backend.split(":")  # e.g. batched:queue, batched:float32
+        out = work / f"store_{name}_{backend.replace(':', '_')}"
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         extract_region_embeddings(
             records, source, clip, out, batch_size=args.batch_size, num_workers=args.workers,
-            chunk_size=args.chunk_size, progress=False, resize_backend=backend,
+            chunk_size=args.chunk_size, progress=False, resize_backend=resize, host_ring="queue" not in opts,
+            crop_dtype=next((o for o in opts if o.startswith("float")), "auto"),
         )  # fmt: skip
         ours[backend] = (time.perf_counter() - start, RegionStore.open(out))
     store = ours[args.backends[0]][1]
@@ -139,12 +166,19 @@ def bench_model(name, records, props, work: Path, args) -> list[dict]:
     crops = preprocessed_crops(clip, records, store, min(regions, args.forward_crops))
     fwd_s = forward_only(clip, crops, args.batch_size)
     rows = []
-    for seconds, st in ours.values():
+    for backend, (seconds, st) in ours.items():
         stored = np.concatenate([st.lookup(r.image_id)[1] for r in records])[:n_naive]
+        crop = st.metadata["crop_preprocess"]
+        dtype = crop.get("matmul_dtype")
+        crop_s = None
+        if dtype and args.device.startswith("cuda"):
+            crop_s = crop_kernels_only(clip, records, store, args, getattr(torch, dtype))
+        label = crop["backend"] + (f" {dtype}" if dtype else "") + (" (queue)" if ":queue" in backend else "")
         rows.append(
             {
                 "model": name,
-                "backend": st.metadata["crop_preprocess"]["backend"],
+                "backend": label,
+                "crop_kernels": None if crop_s is None else regions / crop_s,
                 "images": len(records),
                 "regions": regions,
                 "ours": regions / seconds,
@@ -226,17 +260,24 @@ def report(args, rows, store, gen_s, total_s) -> str:
         "on the CLIP device, `batched`: workers decode into one zero-padded batch, every crop made by two "
         "batched matrix products on the CLIP device. "
         "(a) = reference loop: PIL open, per box crop + `preprocess` + batch-1 `encode_image`. "
-        "(b) = `encode_images` alone on crops already preprocessed in memory (upper bound).",
+        "(b) = `encode_images` alone on crops already preprocessed in memory (upper bound). "
+        "(c) (GPU) = the batched backend's crop kernels alone on image batches already on the device; "
+        "(b+c) = the device-side bound of the batched backend, 1 / (1/b + 1/c). "
+        "`batched float16/float32`: the dtype of its matrix products; "
+        "`(queue)`: images through the DataLoader's queue instead of the shared decode buffers.",
         "",
         "| CLIP | ovd resize | images | regions | ovd (regions/s) | (a) naive (regions/s) "
-        "| (b) forward only (regions/s) | ovd / (a) | ovd / (b) | min cos(ovd, a) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| (b) forward only (regions/s) | (c) crop kernels | ovd / (a) | ovd / (b) | ovd / (b+c) | min cos(ovd, a) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        c = r["crop_kernels"]
+        both = f"{100 * r['ours'] * (1 / r['forward'] + 1 / c):.0f} %" if c else "-"
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['images']} | {r['regions']} | {r['ours']:.1f} | {r['naive']:.1f} "
             f"(on {r['naive_regions']}) | {r['forward']:.1f} (on {r['forward_regions']}) | "
-            f"**{r['ours'] / r['naive']:.1f}x** | **{100 * r['ours'] / r['forward']:.0f} %** | {r['min_cos']:.4f} |"
+            f"{f'{c:.0f}' if c else '-'} | **{r['ours'] / r['naive']:.1f}x** | "
+            f"**{100 * r['ours'] / r['forward']:.0f} %** | {both} | {r['min_cos']:.4f} |"
         )
     s = store
     lines += [
@@ -271,13 +312,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["ovd-tiny", "ViT-B-32"], help="open_clip architectures")
     p.add_argument("--device", default="cpu", help="where CLIP runs: cpu or cuda")
     p.add_argument(
-        "--backends", nargs="+", default=["auto"], help="resize backends of the ovd runs (auto, pil, tensor, batched)"
+        "--backends",
+        nargs="+",
+        default=["auto"],
+        help="resize backends of the ovd runs (auto, pil, tensor, batched), batched with options: batched:queue "
+        "(no decode buffers), batched:float32 / batched:float16 (dtype of its matrix products; default: auto)",
     )
     p.add_argument("--unique-images", type=int, default=1000, help="distinct JPEGs generated (the rest are copies)")
     p.add_argument("--output", help="write the markdown report here")
     args = p.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("ovd.distill.extract").setLevel(logging.INFO)  # waiting time, decode buffers
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The device checks of one GPU lease, in one command (see benchmarks/RESULTS.md, "GPU"):
-# the CUDA/AMP tests, then the reference-size timings. Needs the wheels in .whl/ that the
-# device image lacks (open_clip, omegaconf, faster-coco-eval, pycocotools, ftfy, wcwidth, timm).
+# The device checks of one GPU lease, in one command (see benchmarks/RESULTS.md, "GPU" and the extraction
+# section): `bash benchmarks/gpu_check.sh [tests] [timings] [extract]` (default: all three).
+#   tests:   the CUDA/AMP tests (tests/engine/test_gpu.py)
+#   timings: the reference-size R50-C4 timings (benchmarks/bench_gpu.py)
+#   extract: region-embedding extraction throughput, ViT-B-32 and ovd-tiny (benchmarks/bench_extract.py)
+# Needs the wheels in .whl/ that the device image lacks (open_clip, omegaconf, faster-coco-eval,
+# pycocotools, ftfy, wcwidth).
 set -o pipefail
+steps=${*:-tests timings extract}
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -10,5 +15,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OVD_DATASETS=/tmp/datasets
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/machine.txt"
 python3 -c "import sys, torch, torchvision, open_clip, timm; print(sys.version.split()[0], torch.__version__, torchvision.__version__, open_clip.__version__, timm.__version__)" | tee -a "$out/machine.txt"
-timeout 330 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
-timeout 150 python3 benchmarks/bench_gpu.py --classes 80 1203 --repeats 10 --warmup 3 2>&1 | tee "$out/bench_gpu.md"
+for step in $steps; do
+  case $step in
+    tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15 ;;
+    timings) timeout 150 python3 benchmarks/bench_gpu.py --classes 80 1203 --repeats 10 --warmup 3 2>&1 | tee "$out/bench_gpu.md" ;;
+    extract) timeout 330 python3 benchmarks/bench_extract.py --device cuda --threads 4 --workers 14 \
+        --models ViT-B-32 ovd-tiny --backends batched batched:float32 --tiny-images 32000 --vit-images 32000 \
+        --unique-images 500 --naive-budget 5 --forward-crops 4096 --store-images 200 \
+        --output "$out/extract_gpu.md" 2>&1 | tee "$out/extract_gpu.log" | grep -v '^{' ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done

@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where crops are made: PIL in the workers, torch per crop or batched matrix products on the CLIP device "
         "(auto: batched on a GPU, pil on a CPU)",
     )
+    p.add_argument(
+        "--crop-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16"],
+        help="dtype of the batched backend's matrix products (auto: float16 on a GPU, within one intensity level "
+        "of float32; float32 on a CPU)",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         records, source, clip, args.output, k=args.k, nms_thresh=args.nms, batch_size=args.batch_size,
         num_workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
         chunk_size=args.chunk_size, dataset_name=info.name, progress=not args.no_progress,
-        resize_backend=args.resize_backend,
+        resize_backend=args.resize_backend, crop_dtype=args.crop_dtype,
     )  # fmt: skip
     done = "complete" if store_is_complete(out) else "waiting for the other shards (then --merge)"
     print(f"region store: {out} ({done})")

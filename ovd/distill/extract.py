@@ -11,10 +11,15 @@ of many images share one ``encode_images`` call, and every failure raises. Three
 * ``"pil"``: the workers decode, crop and resize with PIL, exactly as ``clip.preprocess`` on a PIL crop;
 * ``"tensor"``: the workers decode, the crops are resized one by one on the CLIP's device, as
   ``clip.preprocess`` does to a tensor crop;
-* ``"batched"``: the workers decode into one zero-padded batch per task; on the CLIP's device every
-  crop's crop + resize + centre crop is two batched matrix products for the whole task
-  (:func:`batched_crop_resize`, :func:`resize_weights`): a fixed number of kernels per task instead of
-  several per crop, and no host-device synchronisation. Same numbers as ``"tensor"`` up to float rounding.
+* ``"batched"``: the workers decode a task's images into one slot of shared decode buffers
+  (:class:`HostRing`, page-locked on a GPU); on the CLIP's device every crop's crop + resize + centre
+  crop is two batched matrix products for the whole task (:func:`batched_crop_resize`,
+  :func:`resize_weights`): a fixed number of kernels per task instead of several per crop, and no
+  host-device synchronisation. Same numbers as ``"tensor"`` up to float rounding in float32; the GPU
+  default, float16 products, moves ~5 % of pixels by one intensity level.
+
+Cheap proposals (a file) are selected chunk by chunk while earlier chunks are encoded, and the CLIP
+weights are hashed (for the metadata) in a background thread: nothing serial precedes the first crop.
 
 Work is split into fixed **chunks** of consecutive images of a shard; a finished chunk is written
 atomically as ``<out>/parts/shard{i}-chunk{j}.npz``. A rerun skips finished chunks (after checking
@@ -32,7 +37,10 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +90,9 @@ matrix products on the CLIP's device."""
 _WORKER_MODE = {"pil": "crops", "tensor": "decode", "batched": "stack"}  # what the workers hand over (_CropDataset)
 _FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # half-width of the resampling kernel at scale 1
 _BICUBIC_A = -0.5  # the antialiased bicubic kernel of PIL and torch (``antialias=True``) uses a = -0.5
+_CROP_DTYPES = ("float32", "float16")  # of the batched backend's matrix products
+_RING_BUDGET_BYTES = 1 << 30  # at most 1 GiB of decode buffers (HostRing); a larger task goes through the queue
+_PREFETCH = 2  # tasks in flight per DataLoader worker (its default prefetch_factor)
 _PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")  # no-ops on RGB crops
 
 
@@ -274,21 +285,66 @@ def pad_stack(images: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """Host-side parameters of one :func:`batched_crop_resize` call (cheap to make in a worker).
+
+    Attributes:
+        params: ``int64[8, N*K]`` per crop slot: ``y0, h, resized h, top, x0, w, resized w, left``.
+        keep: ``int64[c]`` the slots that hold a crop, in image then rectangle order.
+        k: slots per image (the most rectangles of one image).
+    """
+
+    params: np.ndarray
+    keep: np.ndarray
+    k: int
+
+
+def plan_crops(rects: Sequence[np.ndarray], preprocess: CropPreprocess) -> CropPlan:
+    """The :class:`CropPlan` of ``rects`` (per image, ``int64[k_i, 4]`` crop rectangles ``x0, y0, x1, y1``)."""
+    counts = [len(r) for r in rects]
+    k = max(counts, default=0)
+    slots = np.zeros((len(rects), k, 4), dtype=np.int64)  # (N, K, 4); empty slots get a 1x1 rectangle, dropped
+    slots[:, :, 2:] = 1
+    for i, r in enumerate(rects):
+        slots[i, : len(r)] = r
+    slots = slots.reshape(-1, 4)  # (N*K, 4)
+    w, h = slots[:, 2] - slots[:, 0], slots[:, 3] - slots[:, 1]
+    resized = [preprocess.resized_size(int(a), int(b)) for a, b in zip(w, h, strict=True)]
+    nw, nh = np.array(resized, dtype=np.int64).reshape(-1, 2).T
+    offsets = [preprocess.crop_offsets(int(a), int(b)) for a, b in zip(nw, nh, strict=True)]
+    top, left = np.array(offsets, dtype=np.int64).reshape(-1, 2).T
+    params = np.stack([slots[:, 1], h, nh, top, slots[:, 0], w, nw, left]).astype(np.int64)  # (8, N*K)
+    keep = np.array([i * k + j for i, c in enumerate(counts) for j in range(c)], dtype=np.int64)  # (c,)
+    return CropPlan(params, keep, k)
+
+
 def batched_crop_resize(
-    batch: Tensor, rects: Sequence[np.ndarray], preprocess: CropPreprocess, *, bgr: bool = False
+    batch: Tensor,
+    rects: Sequence[np.ndarray] | None,
+    preprocess: CropPreprocess,
+    *,
+    bgr: bool = False,
+    plan: CropPlan | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """:meth:`CropPreprocess.crop_resize_tensor` of up to ``K`` rectangles in each of ``N`` images, as
     two batched matrix products over the whole batch (a fixed number of kernels per call, whatever
     ``N`` and ``K``): the image rows are contracted with the row weights of every crop slot of the image
     (:func:`resize_weights`), then each slot's result with its column weights. Weights are zero outside
-    a crop's rectangle, so padding is never read. The per-crop parameters reach the device in one
-    pinned, asynchronous copy: nothing waits for the device.
+    a crop's rectangle, so padding is never read (its values need not even be zero). The per-crop
+    parameters reach the device in one pinned, asynchronous copy: nothing waits for the device.
 
     Args:
-        batch: ``Tensor[N, H, W, 3]`` (``uint8`` or float, values 0-255), images zero-padded to one size,
+        batch: ``Tensor[N, H, W, 3]`` (``uint8`` or float, values 0-255), images padded to one size,
             on any device.
-        rects: per image, ``int64[k_i, 4]`` integer crop rectangles ``(x0, y0, x1, y1)`` inside it.
+        rects: per image, ``int64[k_i, 4]`` integer crop rectangles ``(x0, y0, x1, y1)`` inside it;
+            ignored when ``plan`` (:func:`plan_crops` of them, made elsewhere) is given.
         bgr: the batch's channels are BGR (OpenCV's order); the crops are returned RGB.
+        dtype: of the two matrix products. ``torch.float16`` (tensor cores on a GPU, ~10x the float32
+            throughput) rounds the weights and the row pass to 11 significant bits: ~5 % of output
+            pixels then differ from float32 by one intensity level (CLIP embedding cosine > 0.99999;
+            tests/distill/test_extract.py).
 
     Returns:
         ``float Tensor[sum k_i, 3, h, w]`` RGB with integer values in ``[0, 255]``, in image then rectangle order.
@@ -296,31 +352,26 @@ def batched_crop_resize(
     ch, cw = preprocess.crop_size
     n, height, width = (int(v) for v in batch.shape[:3])
     device = batch.device
-    counts = [len(r) for r in rects]
-    if len(rects) != n:
-        raise ValueError(f"{len(rects)} rectangle lists for {n} images")
-    if sum(counts) == 0:
+    if plan is None:
+        if rects is None or len(rects) != n:
+            raise ValueError(f"{0 if rects is None else len(rects)} rectangle lists for {n} images")
+        plan = plan_crops(rects, preprocess)
+    if plan.params.shape[1] != n * plan.k:
+        raise ValueError(f"a crop plan for {plan.params.shape[1]} slots used on {n} images x {plan.k} slots")
+    if len(plan.keep) == 0:
         return torch.zeros((0, 3, ch, cw), device=device)
-    k = max(counts)
-    slots = np.zeros((n, k, 4), dtype=np.int64)  # (N, K, 4); empty slots get a 1x1 rectangle, dropped below
-    slots[:, :, 2:] = 1
-    for i, r in enumerate(rects):
-        slots[i, : len(r)] = r
-    slots = slots.reshape(-1, 4)  # (N*K, 4)
-    w, h = slots[:, 2] - slots[:, 0], slots[:, 3] - slots[:, 1]
-    nw, nh = np.array([preprocess.resized_size(int(a), int(b)) for a, b in zip(w, h, strict=True)]).T
-    top, left = np.array([preprocess.crop_offsets(int(a), int(b)) for a, b in zip(nw, nh, strict=True)]).T
-    params = np.stack([slots[:, 1], h, nh, top, slots[:, 0], w, nw, left]).astype(np.int64)  # (8, N*K)
-    y0, hh, rh, top_t, x0, ww, rw, left_t = _to_device(torch.from_numpy(params), device)  # 8 x (N*K,)
+    k = plan.k
+    params = _to_device(torch.from_numpy(np.concatenate([plan.params.reshape(-1), plan.keep])), device)
+    y0, hh, rh, top_t, x0, ww, rw, left_t = params[: 8 * n * k].view(8, n * k)  # 8 x (N*K,)
+    keep = params[8 * n * k :]  # (c,)
     interp = preprocess.interpolation
-    wy = resize_weights(y0, hh, rh, top_t, ch, height, interp)  # (N*K, h, H)
-    wx = resize_weights(x0, ww, rw, left_t, cw, width, interp)  # (N*K, w, W)
-    image = batch.permute(0, 1, 3, 2).float().contiguous().view(n, height, 3 * width)  # (N, H, 3*W) rows of C x W
+    wy = resize_weights(y0, hh, rh, top_t, ch, height, interp).to(dtype)  # (N*K, h, H)
+    wx = resize_weights(x0, ww, rw, left_t, cw, width, interp).to(dtype)  # (N*K, w, W)
+    image = batch.permute(0, 1, 3, 2).to(dtype).contiguous().view(n, height, 3 * width)  # (N, H, 3*W) rows of C x W
     rows = torch.bmm(wy.view(n, k * ch, height), image)  # (N, K*h, 3*W)
-    out = torch.bmm(rows.view(n * k, ch * 3, width), wx.transpose(1, 2))  # (N*K, h*3, w)
+    out = torch.bmm(rows.view(n * k, ch * 3, width), wx.transpose(1, 2)).float()  # (N*K, h*3, w)
     out = out.view(n * k, ch, 3, cw).permute(0, 2, 1, 3)  # (N*K, 3, h, w)
-    keep = torch.as_tensor([i * k + j for i, c in enumerate(counts) for j in range(c)])
-    out = out[_to_device(keep, device)]  # (sum k_i, 3, h, w)
+    out = out[keep]  # (sum k_i, 3, h, w)
     if bgr:
         out = out.flip(1)
     return out.clamp_(0, 255).round_()
@@ -379,50 +430,108 @@ class _ImageDataset(Dataset):
             return {"image": None, "error": _error(e)}
 
 
+class HostRing:
+    """Fixed host buffers that DataLoader workers decode into and the device copies from.
+
+    ``num_slots`` slots of ``slot_bytes`` in one shared-memory block, created before the workers start
+    (so forked and spawned workers alike write into it); on a GPU the block is page-locked in place
+    (``cudaHostRegister``), so a slot reaches the device in one asynchronous DMA copy. Compared with
+    returning each task's images through the DataLoader's queue, this saves a fresh shared-memory
+    segment per task (its page faults in both processes) and the main process's copy into pinned
+    memory, which otherwise bound a host-limited extraction (RESULTS, extraction sections 5 and 7).
+
+    Slot reuse is safe when at most ``num_slots - 2`` tasks are outstanding: :func:`_encode_chunks`
+    waits, before taking item ``i`` off the loader, for the copy of item ``i - 2``.
+    """
+
+    def __init__(self, num_slots: int, slot_bytes: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.buffer = torch.empty(num_slots * slot_bytes, dtype=torch.uint8).share_memory_()  # (S * bytes,)
+        self.pinned = False
+        if device.type == "cuda" and self.buffer.numel():
+            rc = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
+            self.pinned = int(rc) == 0
+            if not self.pinned:
+                logger.warning("could not page-lock the %d MB decode buffers (%s)", self.buffer.numel() >> 20, rc)
+
+    def view(self, slot: int, shape: tuple[int, ...]) -> Tensor:
+        """Slot ``slot`` as a ``uint8 Tensor[shape]`` (a view: no copy)."""
+        n = math.prod(shape)
+        start = (slot % self.num_slots) * self.slot_bytes
+        return self.buffer[start : start + n].view(shape)
+
+    def close(self) -> None:
+        """Unpin the block; every copy from it must be finished."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False
+
+
 class _CropDataset(Dataset):
-    """``dataset[[p0, p1, ...]]`` → the crops (or images) of those record positions, in position then
-    box order; images without boxes are not decoded.
+    """``dataset[(item_index, {p0: boxes, p1: boxes, ...})]`` → the crops (or images) of those record
+    positions' boxes (``float32[K_i, 4]``), in position then box order; images without boxes are not
+    decoded. Each item also carries ``positions`` and ``boxes`` back.
 
     ``mode``: ``"crops"`` (PIL backend): ``crops`` = ``uint8 Tensor[c, h, w, 3]``; ``"decode"`` (tensor
-    backend): ``images`` = BGR ``uint8 Tensor[H, W, 3]``; ``"stack"`` (batched backend): ``batch`` = the
-    BGR images zero-padded into one ``uint8 Tensor[n, H, W, 3]`` (one pinned copy to the device).
+    backend): ``images`` = BGR ``uint8 Tensor[H, W, 3]``; ``"stack"`` (batched backend): the BGR images
+    padded into one ``uint8[n, H, W, 3]`` batch, written into slot ``item_index`` of ``ring``
+    (``slot`` = its shape) or, when it does not fit or there is no ring, returned as ``batch``; with
+    ``plan``, the :class:`CropPlan` of the batch.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], boxes: dict[int, np.ndarray], preprocess: CropPreprocess, mode: str
+        self, records: Sequence[ImageRecord], preprocess: CropPreprocess, mode: str, ring: HostRing | None = None
     ) -> None:
         self.records = records
-        self.boxes = boxes
         self.preprocess = preprocess
         self.mode = mode
+        self.ring = ring
 
-    def __getitem__(self, positions: list[int]) -> dict[str, Any]:
+    def __getitem__(self, task: tuple[int, dict[int, np.ndarray]]) -> dict[str, Any]:
+        item_index, boxes = task
+        head = {"positions": list(boxes), "boxes": boxes}
         if self.mode != "crops":
+            with_boxes = [p for p, b in boxes.items() if len(b)]
             try:
-                images = [_decode(self.records[p], rgb=False) for p in positions if len(self.boxes[p])]
+                images = [_decode(self.records[p], rgb=False) for p in with_boxes]
             except OVDError as e:
-                return {"positions": positions, "images": [], "error": _error(e)}
+                return {**head, "images": [], "error": _error(e)}
             if self.mode == "stack":
-                batch = torch.from_numpy(pad_stack(images)) if images else torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
-                return {"positions": positions, "batch": batch, "error": None}
-            return {"positions": positions, "images": [torch.from_numpy(im) for im in images], "error": None}
+                return {**head, "error": None, **self._stack(item_index, boxes, with_boxes, images)}
+            return {**head, "images": [torch.from_numpy(im) for im in images], "error": None}
         ch, cw = self.preprocess.crop_size
-        out = np.empty((sum(len(self.boxes[p]) for p in positions), ch, cw, 3), dtype=np.uint8)  # (c, h, w, 3)
+        out = np.empty((sum(len(b) for b in boxes.values()), ch, cw, 3), dtype=np.uint8)  # (c, h, w, 3)
         i = 0
         try:
-            for p in positions:
-                if len(self.boxes[p]) == 0:
+            for p, image_boxes in boxes.items():
+                if len(image_boxes) == 0:
                     continue
                 rec = self.records[p]
                 # resampling treats channels independently: crop and resize BGR, flip the small result
                 image = Image.fromarray(_decode(rec, rgb=False))
-                for box in self.boxes[p]:
+                for box in image_boxes:
                     bgr = self.preprocess.crop_resize(image, crop_box_pixels(box, rec.height, rec.width))
                     out[i] = bgr[:, :, ::-1]  # (h, w, 3) RGB
                     i += 1
         except OVDError as e:
-            return {"positions": positions, "crops": torch.zeros(0), "error": _error(e)}
-        return {"positions": positions, "crops": torch.from_numpy(out), "error": None}
+            return {**head, "crops": torch.zeros(0), "error": _error(e)}
+        return {**head, "crops": torch.from_numpy(out), "error": None}
+
+    def _stack(
+        self, item_index: int, boxes: dict[int, np.ndarray], with_boxes: list[int], images: list[np.ndarray]
+    ) -> dict[str, Any]:
+        rects = [crop_rects(boxes[p], self.records[p].height, self.records[p].width) for p in with_boxes]
+        plan = plan_crops(rects, self.preprocess)
+        if not images:
+            return {"batch": torch.zeros((0, 1, 1, 3), dtype=torch.uint8), "plan": plan}
+        shape = (len(images), max(im.shape[0] for im in images), max(im.shape[1] for im in images), 3)
+        if self.ring is None or math.prod(shape) > self.ring.slot_bytes:
+            return {"batch": torch.from_numpy(pad_stack(images)), "plan": plan}
+        slot = self.ring.view(item_index, shape).numpy()  # (n, H, W, 3); padding is left as is (never read)
+        for i, im in enumerate(images):
+            slot[i, : im.shape[0], : im.shape[1]] = im
+        return {"slot": shape, "plan": plan}
 
 
 def _worker_init(worker_id: int) -> None:
@@ -443,6 +552,7 @@ def _loader(dataset: Dataset, sampler: Any, num_workers: int, batch_size: int | 
         sampler=sampler,
         collate_fn=list if batch_size is not None else None,
         num_workers=num_workers,
+        prefetch_factor=_PREFETCH if num_workers else None,  # HostRing's slot count relies on it
         worker_init_fn=_worker_init,
         pin_memory=pin,
     )
@@ -478,6 +588,33 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+class _WeightsHash:
+    """:func:`weights_sha256` of a model in a background thread (hashlib releases the GIL)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(model,), daemon=True)
+        self._thread.start()
+
+    def _run(self, model: torch.nn.Module) -> None:
+        start = time.perf_counter()
+        try:
+            self._digest = weights_sha256(model)
+        except BaseException as e:  # re-raised by result()
+            self._error = e
+        self.seconds = time.perf_counter() - start
+
+    def result(self) -> str:
+        """The digest (waits for it); the thread's exception, if any, is raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
 def _run_metadata(
     records: Sequence[ImageRecord],
     source: ProposalSource,
@@ -488,8 +625,13 @@ def _run_metadata(
     nms_thresh: float,
     dataset_name: str,
     resize_backend: str,
+    crop_dtype: str,
+    weights_digest: str,
 ) -> dict[str, Any]:
     ids = np.array([r.image_id for r in records], dtype=np.int64)
+    crop = {**preprocess.to_json(), "backend": resize_backend}
+    if resize_backend == "batched":
+        crop["matmul_dtype"] = crop_dtype
     return {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
@@ -502,23 +644,33 @@ def _run_metadata(
             "model": clip.model_name,
             "pretrained": clip.pretrained,
             "checkpoint_sha256": clip.checkpoint_sha256,
-            "weights_sha256": weights_sha256(clip.model),
+            "weights_sha256": weights_digest,
         },
-        "crop_preprocess": {**preprocess.to_json(), "backend": resize_backend},
+        "crop_preprocess": crop,
         "proposals": source.describe(),
         "image_ids_sha256": image_ids_sha256(ids),
     }
 
 
 def _keep(
-    source_out: Sequence[tuple[np.ndarray, np.ndarray]], records: Sequence[ImageRecord], *, k: int, nms_thresh: float
+    source_out: Sequence[tuple[np.ndarray, np.ndarray]],
+    records: Sequence[ImageRecord],
+    *,
+    k: int,
+    nms_thresh: float,
+    path: str | None = None,
 ) -> list[np.ndarray]:
+    """Clip and select (:func:`select_top_k`) each image's proposals; ``path``: the proposal file, for errors."""
     if len(source_out) != len(records):
-        raise OVDError(f"the proposal source returned {len(source_out)} results for {len(records)} images")
+        raise OVDError(f"the proposal source returned {len(source_out)} results for {len(records)} images", path=path)
     kept = []
     for (boxes, scores), rec in zip(source_out, records, strict=True):
-        boxes = clip_to_image(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), rec.height, rec.width)  # (P, 4)
-        kept.append(select_top_k(boxes, scores, nms_thresh=nms_thresh, k=k)[0])  # (K_i, 4)
+        try:
+            boxes = clip_to_image(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), rec.height, rec.width)  # (P, 4)
+            kept.append(select_top_k(boxes, scores, nms_thresh=nms_thresh, k=k)[0])  # (K_i, 4)
+        except (OVDError, ValueError) as e:
+            reason = e.reason if isinstance(e, OVDError) else str(e)
+            raise OVDError(f"proposals of image {rec.image_id} ({rec.file_name}): {reason}", path=path) from e
     return kept
 
 
@@ -533,7 +685,7 @@ def _propose(
 ) -> None:
     recs = [records[p] for p in chunk.positions]
     if not source.needs_images:
-        chunk.boxes = _keep(source(recs, None), recs, k=k, nms_thresh=nms_thresh)
+        chunk.boxes = _keep(source(recs, None), recs, k=k, nms_thresh=nms_thresh, path=getattr(source, "path", None))
         return
     loader = _loader(_ImageDataset(recs), None, num_workers, max(1, source.images_per_call), pin=False)
     kept: list[np.ndarray] = []
@@ -548,22 +700,105 @@ def _propose(
     chunk.boxes = kept
 
 
+def _shm_free_bytes() -> int | None:
+    """Free bytes of ``/dev/shm`` (where shared tensors live on Linux), None where unknown."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _make_ring(
+    items: list[list[int]],
+    records: Sequence[ImageRecord],
+    num_workers: int,
+    device: torch.device,
+) -> HostRing | None:
+    """Decode buffers for the batched backend: one slot per task that can be in flight, sized for the
+    largest padded task (all its images, as their boxes may not be known yet; within
+    :data:`_RING_BUDGET_BYTES`: a larger task goes through the queue).
+    None (the queue for every task) where ``/dev/shm`` is too small to hold them twice over: a shared
+    block larger than the free space kills the process when written (e.g. Docker's 64 MB default)."""
+    num_slots = num_workers * _PREFETCH + 2  # outstanding tasks + the item in use + one being copied
+    need = 0
+    for positions in items:
+        sizes = [(records[p].height, records[p].width) for p in positions]
+        if sizes:
+            need = max(need, len(sizes) * max(h for h, _ in sizes) * max(w for _, w in sizes) * 3)
+    slot_bytes = min(need, _RING_BUDGET_BYTES // num_slots)
+    free = _shm_free_bytes()
+    if free is not None and 2 * num_slots * slot_bytes > free:
+        logger.warning(
+            "/dev/shm has %d MB free, too little for %d MB of decode buffers: images go through the DataLoader",
+            free >> 20, (num_slots * slot_bytes) >> 20,
+        )  # fmt: skip
+        return None
+    return HostRing(num_slots, slot_bytes, device)
+
+
+class _Transfer:
+    """Moves a worker task's images to the CLIP's device; on a GPU through a side stream, so that the
+    copy of the next task overlaps the CLIP forward of this one."""
+
+    def __init__(self, ring: HostRing | None, device: torch.device) -> None:
+        self.ring = ring
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.events: dict[int, Any] = {}  # item index -> its copy's CUDA event
+        self.queued = 0  # tasks whose images came through the DataLoader's queue
+
+    def before_item(self, item_index: int) -> None:
+        """Wait until item ``item_index - 2``'s slot is copied: taking item ``item_index`` off the
+        loader hands that slot to a worker (:class:`HostRing`)."""
+        event = self.events.pop(item_index - 2, None)
+        if event is not None:
+            event.synchronize()
+
+    def batch(self, item: dict[str, Any], item_index: int) -> Tensor:
+        """The item's padded ``uint8 Tensor[n, H, W, 3]`` BGR batch on the device."""
+        if "slot" not in item:
+            self.queued += len(item["batch"]) > 0
+            return item["batch"].to(self.device, non_blocking=True)
+        assert self.ring is not None
+        host = self.ring.view(item_index, tuple(int(v) for v in item["slot"]))  # (n, H, W, 3)
+        if self.stream is None:
+            return host  # a view: used up before the slot is handed out again
+        with torch.cuda.stream(self.stream):
+            batch = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(event)
+        batch.record_stream(torch.cuda.current_stream(self.device))
+        self.events[item_index] = event
+        return batch
+
+    def close(self) -> None:
+        for event in self.events.values():
+            event.synchronize()
+        self.events.clear()
+        if self.ring is not None:
+            self.ring.close()
+
+
 def _item_crops(
     item: dict[str, Any],
-    boxes: dict[int, np.ndarray],
+    item_index: int,
     records: Sequence[ImageRecord],
     preprocess: CropPreprocess,
-    device: torch.device,
+    transfer: _Transfer,
+    crop_dtype: torch.dtype,
 ) -> Tensor:
-    """The crops of one loader item: as the workers made them (PIL backend), or made here on ``device``
+    """The crops of one loader item: as the workers made them (PIL backend), or made here on the device
     from the images the workers read (tensor and batched backends): ``float Tensor[c, 3, h, w]``."""
     if "crops" in item:
         return item["crops"]  # (c, h, w, 3) uint8
+    device = transfer.device
+    if "plan" in item:  # sizes checked against the records in the worker
+        batch = transfer.batch(item, item_index)  # (n, H, W, 3)
+        return batched_crop_resize(batch, None, preprocess, bgr=True, plan=item["plan"], dtype=crop_dtype)
+    boxes = item["boxes"]
     with_boxes = [p for p in item["positions"] if len(boxes[p])]
-    if "batch" in item:
-        batch = item["batch"]  # (n, H, W, 3) BGR, padded; sizes checked against the records in the worker
-        rects = [crop_rects(boxes[p], records[p].height, records[p].width) for p in with_boxes]
-        return batched_crop_resize(batch.to(device, non_blocking=True), rects, preprocess, bgr=True)  # (c, 3, h, w)
     crops = []
     for p, bgr in zip(with_boxes, item["images"], strict=True):
         rec = records[p]
@@ -572,6 +807,17 @@ def _item_crops(
     if not crops:
         return torch.zeros((0, 3, *preprocess.crop_size), device=device)
     return torch.stack(crops)  # (c, 3, h, w)
+
+
+def _to_host(flat: Tensor) -> tuple[Tensor, Any]:
+    """Start copying ``flat`` to the host; returns the host tensor and a CUDA event (None on a CPU)."""
+    if flat.device.type != "cuda":
+        return flat, None
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _encode_chunks(
@@ -586,40 +832,101 @@ def _encode_chunks(
     resize_backend: str,
     bar: tqdm,
     finish: Callable[[_Chunk, dict[str, np.ndarray]], None],
+    host_ring: bool = True,
+    crop_dtype: torch.dtype = torch.float32,
+    propose: Callable[[_Chunk], None] | None = None,
 ) -> None:
-    """Crop and encode the given chunks (their boxes known); call ``finish(chunk, arrays)`` per chunk."""
-    boxes = {p: b for c in chunks for p, b in zip(c.positions, c.boxes, strict=True)}
+    """Crop and encode the given chunks; call ``finish(chunk, arrays)`` per chunk.
+
+    A chunk without boxes gets them from ``propose(chunk)`` when its first worker task is handed out
+    (in this thread, while the device works on earlier chunks). Nothing here waits for the device
+    except :meth:`_Transfer.before_item` (a copy queued two items earlier) and the end: a finished
+    chunk's embeddings are copied to the host asynchronously and written once the copy is done, while
+    later chunks run.
+    """
     images_per_item = max(1, batch_size // (2 * k))  # ~half a CLIP batch per worker task
     items: list[list[int]] = []
+    item_chunk: list[_Chunk] = []
     last_item: dict[int, int] = {}  # chunk list index -> its last item
     for ci, c in enumerate(chunks):
         for s in range(c.positions.start, c.positions.stop, images_per_item):
             items.append(list(range(s, min(s + images_per_item, c.positions.stop))))
+            item_chunk.append(c)
         last_item[len(items) - 1] = ci
+
+    failed: list[BaseException] = []  # a proposal error: raised once the chunks before it are written
+
+    def tasks() -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        for i, (positions, chunk) in enumerate(zip(items, item_chunk, strict=True)):
+            if chunk.boxes is None:
+                if propose is None:
+                    raise ValueError(f"chunk {chunk.index} has no boxes and no proposal source")
+                try:
+                    propose(chunk)
+                except Exception as e:
+                    failed.append(e)
+                    return
+            assert chunk.boxes is not None
+            yield i, {p: chunk.boxes[p - chunk.positions.start] for p in positions}
+
     device = encoder.mean.device
-    dataset = _CropDataset(records, boxes, preprocess, _WORKER_MODE[resize_backend])
-    loader = _loader(dataset, items, num_workers, None, pin=device.type == "cuda")
+    use_ring = host_ring and resize_backend == "batched"
+    ring = _make_ring(items, records, num_workers, device) if use_ring else None
+    transfer = _Transfer(ring, device)
+    pinned = ring is not None and ring.pinned
+    dataset = _CropDataset(records, preprocess, _WORKER_MODE[resize_backend], ring)
+    loader = _loader(dataset, tasks(), num_workers, None, pin=device.type == "cuda")
     pending: list[Tensor] = []
     num_pending = 0
     embeddings: list[Tensor] = []  # stay on the device until the chunk is done: no sync per batch
-    for item_index, item in enumerate(loader):
-        if item["error"] is not None:
-            _raise(item["error"])
-        crops = _item_crops(item, boxes, records, preprocess, device)
-        pending.append(crops)
-        num_pending += len(crops)
-        while num_pending >= batch_size:
-            crops = torch.cat(pending)  # (n, ...)
-            embeddings.append(encoder(crops[:batch_size]))
-            pending, num_pending = [crops[batch_size:]], num_pending - batch_size
-        if item_index in last_item:  # the chunk is complete: no batch spans two chunks
-            if num_pending:
-                embeddings.append(encoder(torch.cat(pending)))
-            chunk = chunks[last_item[item_index]]
-            flat = torch.cat(embeddings).cpu().numpy() if embeddings else None  # (sum K_i, D) float16
-            finish(chunk, _chunk_arrays(chunk, records, flat, k=k, dim=encoder.clip.embed_dim))
-            pending, num_pending, embeddings = [], 0, []
-        bar.update(len(item["positions"]))
+    unwritten: deque[tuple[_Chunk, Tensor | None, Any]] = deque()  # chunks whose embeddings are on their way
+    waited = 0.0
+
+    def write(block: bool) -> None:
+        while unwritten and (block or unwritten[0][2] is None or unwritten[0][2].query()):
+            chunk, flat, event = unwritten.popleft()
+            if event is not None:
+                event.synchronize()
+            host = None if flat is None else flat.numpy()  # (sum K_i, D) float16
+            finish(chunk, _chunk_arrays(chunk, records, host, k=k, dim=encoder.clip.embed_dim))
+
+    try:
+        it = iter(loader)
+        for item_index in range(len(items)):
+            transfer.before_item(item_index)
+            start = time.perf_counter()
+            item = next(it, None)
+            waited += time.perf_counter() - start
+            if item is None:  # the tasks stopped at a proposal error
+                break
+            if item["error"] is not None:
+                _raise(item["error"])
+            crops = _item_crops(item, item_index, records, preprocess, transfer, crop_dtype)
+            pending.append(crops)
+            num_pending += len(crops)
+            while num_pending >= batch_size:
+                crops = torch.cat(pending)  # (n, ...)
+                embeddings.append(encoder(crops[:batch_size]))
+                pending, num_pending = [crops[batch_size:]], num_pending - batch_size
+            if item_index in last_item:  # the chunk is complete: no batch spans two chunks
+                if num_pending:
+                    embeddings.append(encoder(torch.cat(pending)))
+                flat, event = _to_host(torch.cat(embeddings)) if embeddings else (None, None)
+                unwritten.append((chunks[last_item[item_index]], flat, event))
+                pending, num_pending, embeddings = [], 0, []
+            write(block=False)
+            bar.update(len(item["positions"]))
+        write(block=True)
+    finally:
+        transfer.close()
+    if failed:
+        raise failed[0]
+    logger.info(
+        "encoded %d images in %d tasks; %.1f s waiting for the workers%s",
+        sum(len(c.positions) for c in chunks), len(items), waited,
+        f"; decode buffers {ring.num_slots} x {ring.slot_bytes / 2**20:.1f} MB (page-locked: {pinned}), "
+        f"{transfer.queued} tasks too large for them" if ring else "",
+    )  # fmt: skip
 
 
 def _chunk_arrays(
@@ -656,6 +963,8 @@ def extract_region_embeddings(
     dataset_name: str = "",
     progress: bool = True,
     resize_backend: str = "auto",
+    host_ring: bool = True,
+    crop_dtype: str = "auto",
 ) -> Path:
     """Extract (or resume extracting) one shard of a region store; merge when every shard is done.
 
@@ -680,6 +989,12 @@ def extract_region_embeddings(
             products (the ``"tensor"`` numbers up to float rounding; the fastest on a GPU).
             ``"auto"``: ``"batched"`` when CLIP is on a GPU, else ``"pil"``. Recorded in the metadata,
             so a resumed or sharded run must use the same backend.
+        host_ring: with the batched backend, workers decode into shared buffers that are page-locked
+            on a GPU (:class:`HostRing`) instead of returning the images through the DataLoader's
+            queue; the same numbers either way (False: the queue, for comparison).
+        crop_dtype: with the batched backend, the dtype of its matrix products: ``"float32"``,
+            ``"float16"`` (within one intensity level of float32, see :func:`batched_crop_resize`),
+            or ``"auto"``: float16 on a GPU (tensor cores), float32 on a CPU. Recorded in the metadata.
 
     Returns:
         ``out_dir``; the store is complete (openable with :class:`RegionStore`) once every shard is
@@ -708,15 +1023,38 @@ def extract_region_embeddings(
         resize_backend = "batched" if clip.device.type == "cuda" else "pil"
     if resize_backend not in RESIZE_BACKENDS:
         raise OVDError(f"unknown resize backend {resize_backend!r} (valid: auto, {', '.join(RESIZE_BACKENDS)})")
+    if crop_dtype == "auto":
+        crop_dtype = "float16" if clip.device.type == "cuda" else "float32"
+    if crop_dtype not in _CROP_DTYPES:
+        valid = ", ".join(_CROP_DTYPES)
+        raise OVDError(f"unknown crop dtype {crop_dtype!r} (valid: auto, {valid})", field="crop_dtype")
     out = Path(out_dir)
     preprocess = CropPreprocess.from_clip(clip)
-    meta = _run_metadata(
-        records, source, clip, preprocess, k=k, nms_thresh=nms_thresh, dataset_name=dataset_name,
-        resize_backend=resize_backend,
-    )  # fmt: skip
+    start = time.perf_counter()
+    weights = _WeightsHash(clip.model)  # in the background: a fresh run starts cropping meanwhile
+    meta_cache: dict[str, Any] = {}
+
+    def metadata() -> dict[str, Any]:
+        if not meta_cache:
+            meta_cache.update(
+                _run_metadata(
+                    records,
+                    source,
+                    clip,
+                    preprocess,
+                    k=k,
+                    nms_thresh=nms_thresh,
+                    dataset_name=dataset_name,
+                    resize_backend=resize_backend,
+                    crop_dtype=crop_dtype,
+                    weights_digest=weights.result(),
+                )  # fmt: skip
+            )
+        return meta_cache
+
     if store_is_complete(out):
         found = RegionStore.open(out).metadata
-        if content_key(found) != content_key(meta):
+        if content_key(found) != content_key(metadata()):
             raise OVDError("holds a finished region store of a different extraction; choose another output", path=out)
         logger.info("region store %s is already complete", out)
         return out
@@ -724,7 +1062,7 @@ def extract_region_embeddings(
 
     def part_meta(c: _Chunk) -> dict[str, Any]:
         part = {"shard_index": shard_index, "chunk_index": c.index, "begin": c.positions.start, "end": c.positions.stop}
-        return {**meta, "layout": layout, "part": part}
+        return {**metadata(), "layout": layout, "part": part}
 
     todo = []
     for c in chunks:
@@ -742,20 +1080,32 @@ def extract_region_embeddings(
     def finish(c: _Chunk, arrays: dict[str, np.ndarray]) -> None:
         write_part(part_path(out, shard_index, c.index), **arrays, meta=part_meta(c))
 
+    def propose(c: _Chunk) -> None:
+        _propose(c, records, source, k=k, nms_thresh=nms_thresh, num_workers=num_workers)
+
     encoder = CropEncoder(clip, preprocess)
     total = sum(len(c.positions) for c in chunks)
     with tqdm(total=total, initial=done_images, unit="img", desc="region embeddings", disable=not progress) as bar:
         opts = dict(
-            k=k, batch_size=batch_size, num_workers=num_workers, resize_backend=resize_backend, bar=bar, finish=finish
+            k=k,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            resize_backend=resize_backend,
+            bar=bar,
+            finish=finish,
+            host_ring=host_ring,
+            crop_dtype=getattr(torch, crop_dtype),
         )
         if source.needs_images:  # the model sees a chunk, then its crops are encoded: resumable per chunk
             for c in todo:
-                _propose(c, records, source, k=k, nms_thresh=nms_thresh, num_workers=num_workers)
+                propose(c)
                 _encode_chunks([c], records, preprocess, encoder, **opts)
-        elif todo:  # cheap proposals: one worker pool for all chunks
-            for c in todo:
-                _propose(c, records, source, k=k, nms_thresh=nms_thresh, num_workers=num_workers)
-            _encode_chunks(todo, records, preprocess, encoder, **opts)
+        elif todo:  # cheap proposals, made as the chunks come up: one worker pool for all chunks
+            _encode_chunks(todo, records, preprocess, encoder, propose=propose, **opts)
+    metadata()  # the weights hash is known, whatever was done
+    encoded = time.perf_counter()
+    logger.info("proposals, crops and encoding: %.1f s (weights hash %.1f s, in the background)",
+                encoded - start, weights.seconds)  # fmt: skip
 
     wanted = expected_parts(out, len(records), num_shards, chunk_size)
     missing = [p for p in wanted if not p.is_file()]
@@ -768,4 +1118,5 @@ def extract_region_embeddings(
         merge_store(out)
     except MergeInProgressError as e:
         logger.info("not merging: %s", e)
+    logger.info("merged the store in %.1f s", time.perf_counter() - encoded)
     return out

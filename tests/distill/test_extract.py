@@ -141,6 +141,19 @@ def test_crop_preprocess_equals_torchvision_on_pil(clip):
     rgb = extract_mod.batched_crop_resize(torch.from_numpy(batch[:1, :, :, ::-1].copy()), [np.array(rects)], prep)
     torch.testing.assert_close(rgb, made[: len(rects)])  # bgr=False on an RGB batch: the same crops
     assert extract_mod.batched_crop_resize(torch.from_numpy(batch[:1]), [none], prep).shape == (0, 3, 64, 64)
+    # garbage in the padding is never read (the ring's slots are not cleared between tasks)
+    dirty = batch.copy()
+    dirty[1, 55:], dirty[1, :, 100:] = 255, 7
+    plan = extract_mod.plan_crops([np.array(rects), none, np.array(small_rects)], prep)
+    torch.testing.assert_close(
+        extract_mod.batched_crop_resize(torch.from_numpy(dirty), None, prep, bgr=True, plan=plan), made
+    )
+    # float16 matrix products (the GPU default): one intensity level at most, on a few per cent of pixels
+    half = extract_mod.batched_crop_resize(
+        torch.from_numpy(batch), None, prep, bgr=True, plan=plan, dtype=torch.float16
+    )
+    diff = (half - made).abs()
+    assert half.dtype == torch.float32 and diff.max() <= 1 and 0 < (diff > 0).float().mean() < 0.1
     # float boxes: corners rounded half up, never empty, inside the image
     assert crop_box_pixels(np.array([1.5, 2.49, 2.5, 3.51]), 10, 10) == (2, 2, 3, 4)
     assert crop_box_pixels(np.array([9.7, 0.0, 10.0, 0.2]), 10, 10) == (9, 0, 10, 1)
@@ -209,6 +222,115 @@ def test_batched_embeddings_match_open_clip_per_crop(data, clip, tmp_path, backe
     assert meta["num_regions"] == len(cosines) and meta["num_images_without_regions"] == 1
     assert min(cosines) >= 0.99, min(cosines)
     assert min(cosines) >= (0.999 if backend == "pil" else 0.99)  # pil: only fp16 storage rounding differs
+
+
+def test_decode_buffers_give_the_queue_s_bytes(data, clip, tmp_path, monkeypatch, caplog):
+    """Batched backend: workers decoding into the shared ring of slots (reused many times: 2 workers,
+    one image per task, 6 slots) give the bytes of the DataLoader-queue path; tasks too large for a
+    slot (a budget below the largest task) fall back to the queue within the same run."""
+    records, props = data
+    kw = {"batch_size": 2, "num_workers": 2, "resize_backend": "batched"}  # k=5 -> one image per task
+    queue = _extract(records, props, clip, tmp_path / "queue", host_ring=False, **kw)
+    made = []
+    real_ring = extract_mod.HostRing
+
+    def spy(*args, **kwargs):
+        made.append(real_ring(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(extract_mod, "HostRing", spy)
+    ring = _extract(records, props, clip, tmp_path / "ring", **kw)
+    _same_bytes(queue, ring)
+    sizes = sorted(r.height * r.width * 3 for r in records if r.image_id != EMPTY_ID)
+    assert [(r.num_slots, r.slot_bytes, r.pinned) for r in made] == [(6, sizes[-1], False)]  # file boxes: one pool
+    # a smaller slot budget: the 4 largest images go through the queue, the other 5 through the ring
+    monkeypatch.setattr(extract_mod, "_RING_BUDGET_BYTES", 6 * sizes[4])
+    made.clear()
+    with caplog.at_level("INFO", logger="ovd.distill.extract"):
+        mixed = _extract(records, props, clip, tmp_path / "mixed", **kw)
+    _same_bytes(queue, mixed)
+    assert [r.slot_bytes for r in made] == [sizes[4]]
+    assert "decode buffers 6 x 0.0 MB (page-locked: False), 4 tasks too large for them" in caplog.text
+    # a /dev/shm too small for the buffers (Docker's default): everything goes through the queue
+    monkeypatch.setattr(extract_mod, "_shm_free_bytes", lambda: 11 * sizes[4])
+    made.clear()
+    with caplog.at_level("INFO", logger="ovd.distill.extract"):
+        small = _extract(records, props, clip, tmp_path / "small_shm", **kw)
+    _same_bytes(queue, small)
+    assert made == [] and "too little for 0 MB of decode buffers" in caplog.text
+
+
+def test_crop_dtype_float16_is_recorded_and_close(data, clip, tmp_path):
+    records, props = data
+    ref = RegionStore.open(_extract(records, props, clip, tmp_path / "f32", resize_backend="batched"))
+    half = RegionStore.open(
+        _extract(records, props, clip, tmp_path / "f16", resize_backend="batched", crop_dtype="float16")
+    )
+    assert ref.metadata["crop_preprocess"]["matmul_dtype"] == "float32"  # "auto" on a CPU
+    assert half.metadata["crop_preprocess"]["matmul_dtype"] == "float16"
+    assert content_key(ref.metadata) != content_key(half.metadata)  # a resumed run cannot mix the two
+    for rec in records:
+        a, b = ref.lookup(rec.image_id)[1].astype(np.float32), half.lookup(rec.image_id)[1].astype(np.float32)
+        assert a.shape == b.shape and (a.size == 0 or (a * b).sum(axis=1).min() > 0.999)
+    pil = RegionStore.open(_extract(records, props, clip, tmp_path / "pil", resize_backend="pil"))
+    assert "matmul_dtype" not in pil.metadata["crop_preprocess"]  # only the batched backend has matrix products
+    with pytest.raises(OVDError, match="unknown crop dtype 'bfloat16'") as info:
+        _extract(records, props, clip, tmp_path / "bad", resize_backend="batched", crop_dtype="bfloat16")
+    assert info.value.field == "crop_dtype"
+
+
+def test_file_proposals_are_made_as_chunks_come_up(data, clip, tmp_path, monkeypatch):
+    """File proposals (NMS per image) are made chunk by chunk while earlier chunks are encoded, not all
+    before the first crop: with in-process loading the calls interleave with the part writes."""
+    records, props = data
+    events = []
+    real_propose, real_write = extract_mod._propose, extract_mod.write_part
+
+    def propose(chunk, *args, **kwargs):
+        events.append(("propose", chunk.index))
+        return real_propose(chunk, *args, **kwargs)
+
+    def write(path, **kwargs):
+        events.append(("write", kwargs["meta"]["part"]["chunk_index"]))
+        return real_write(path, **kwargs)
+
+    monkeypatch.setattr(extract_mod, "_propose", propose)
+    monkeypatch.setattr(extract_mod, "write_part", write)
+    out = _extract(records, props, clip, tmp_path / "lazy", batch_size=10)  # chunks of 3 images, one image per task
+    assert events == [(e, i) for i in range(4) for e in ("propose", "write")]
+    monkeypatch.setattr(extract_mod, "_propose", real_propose)
+    monkeypatch.setattr(extract_mod, "write_part", real_write)
+    _same_bytes(out, _extract(records, props, clip, tmp_path / "ref", batch_size=10))
+
+
+@pytest.mark.parametrize("backend", ["pil", "batched"])
+def test_bad_proposals_of_a_later_chunk_name_file_and_image(data, clip, tmp_path, backend):
+    """Proposals are made while earlier chunks run: a bad one stops the run with an error naming the
+    proposal file and the image, the finished chunks' parts stay, and a rerun resumes from them."""
+    records, props = data
+
+    class NanForImage107(FileProposals):
+        def __call__(self, recs, images):
+            out = super().__call__(recs, images)
+            return [(b * np.nan if r.image_id == 107 else b, sc) for (b, sc), r in zip(out, recs, strict=True)]
+
+    out = tmp_path / "store"
+    with pytest.raises(OVDError, match=r"props.json: proposals of image 107 \(.*img7.png\): .*NaN") as info:
+        _extract(records, NanForImage107(props), clip, out, num_workers=2, resize_backend=backend)
+    assert info.value.path == str(props)
+    parts = sorted(f.name for f in (out / PARTS_DIR).iterdir())
+    assert parts == ["shard0-chunk0.npz", "shard0-chunk1.npz"]  # images 0-5; image 7 is in chunk 2
+    _same_bytes(_extract(records, props, clip, out, resize_backend=backend, num_workers=2),
+                _extract(records, props, clip, tmp_path / "ref", resize_backend=backend))  # fmt: skip
+
+
+def test_host_ring_slots_wrap_around():
+    ring = extract_mod.HostRing(3, 24, torch.device("cpu"))
+    for item in range(7):
+        ring.view(item, (2, 2, 2, 3)).fill_(item)  # 24 bytes = one slot
+    assert ring.buffer.view(3, 24)[:, 0].tolist() == [6, 4, 5]  # item i lives in slot i % 3
+    assert ring.view(4, (2, 3)).tolist() == [[4] * 3] * 2
+    ring.close()
 
 
 def test_resume_after_interruption_is_byte_identical(data, clip, tmp_path, monkeypatch):

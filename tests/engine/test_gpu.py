@@ -10,6 +10,7 @@ from ovd.config import load_config
 from ovd.engine.checkpoint import load_checkpoint
 from ovd.engine.trainer import train
 from ovd.modeling.build import build_model
+from ovd.structures import ImageRecord
 
 REPO = Path(__file__).parents[2]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,17 +33,18 @@ def _env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("amp", ["off", "float16", "bfloat16"])
 def test_cuda_training_and_eval(tmp_path, amp):
-    cfg = load_config(
-        REPO / "configs/ovshapes/base.yaml", [*FAST, "device=cuda", f"solver.amp={amp}", "solver.max_iter=10"]
-    )
+    dtype = [] if amp == "off" else ["solver.amp=true", f"solver.amp_dtype={amp}"]
+    cfg = load_config(REPO / "configs/ovshapes/base.yaml", [*FAST, "device=cuda", *dtype, "solver.max_iter=10"])
     metrics = train(cfg, tmp_path)
     state = load_checkpoint(tmp_path / "model_final.pth")
     assert state["iteration"] == 10
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    if amp:
+    if amp == "float16":
         assert state["scaler"]["scale"] > 0  # the GradScaler state is saved for --resume
+    elif amp == "bfloat16":
+        assert not state["scaler"]  # bfloat16 needs no loss scaling: the scaler stays disabled
     assert 0.0 <= metrics["AP50_all"] <= 100.0
 
 
@@ -102,29 +104,13 @@ def test_cuda_pipeline_amp(tmp_path):
 
 def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
     """Batched matrix crops on the GPU give the CPU PIL backend's embeddings."""
-    import json
 
-    import cv2
     import numpy as np
 
     from ovd.clip import create_clip
     from ovd.distill import FileProposals, RegionStore, extract_region_embeddings
-    from ovd.structures import ImageRecord
 
-    rng = np.random.default_rng(0)
-    records, results = [], []
-    for i in range(12):
-        h, w = (int(v) for v in rng.integers(120, 400, 2))
-        img = cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
-        path = tmp_path / f"{i}.{'jpg' if i % 4 else 'png'}"  # JPEGs and PNGs
-        cv2.imwrite(str(path), img)
-        records.append(ImageRecord(image_id=i + 1, file_name=str(path), height=h, width=w))
-        for _ in range(6):
-            bw, bh = rng.uniform(2, w), rng.uniform(2, h)
-            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            results.append({"image_id": i + 1, "bbox": [x, y, bw, bh], "score": float(rng.random())})
-    props = tmp_path / "props.json"
-    props.write_text(json.dumps(results))
+    records, props = _images_and_proposals(tmp_path, 12, (120, 400), boxes=6, min_side=2, seed=0, png_every=4)
     torch.manual_seed(0)
     cpu_clip = create_clip("ovd-tiny", None)
     gpu_clip = create_clip("ovd-tiny", None, device="cuda")
@@ -136,9 +122,68 @@ def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
     ref = RegionStore.open(extract_region_embeddings(records, FileProposals(props), cpu_clip, tmp_path / "cpu", **kw))
     out = RegionStore.open(extract_region_embeddings(records, FileProposals(props), gpu_clip, tmp_path / "gpu", **kw))
     assert out.metadata["crop_preprocess"]["backend"] == "batched"  # the default on a GPU
+    assert out.metadata["crop_preprocess"]["matmul_dtype"] == "float16"  # tensor cores
     for rec in records:
         boxes_ref, emb_ref = ref.lookup(rec.image_id)
         boxes, emb = out.lookup(rec.image_id)
         np.testing.assert_array_equal(boxes, boxes_ref)
         cos = (emb.astype(np.float32) * emb_ref.astype(np.float32)).sum(axis=1)
         assert cos.min() >= 0.99, (rec.file_name, cos.min())
+
+
+def test_cuda_decode_buffers_give_the_queue_s_bytes(tmp_path):
+    """On a GPU the ring of page-locked decode buffers (asynchronous copies on a side stream, slots
+    reused ~40 times) gives exactly the bytes of the DataLoader-queue path."""
+
+    import ovd.distill.extract as extract_mod
+    from ovd.clip import create_clip
+    from ovd.distill import FileProposals, extract_region_embeddings
+
+    records, props = _images_and_proposals(tmp_path, 240, (200, 480), boxes=5, min_side=8, seed=1)
+    torch.manual_seed(0)
+    clip = create_clip("ViT-B-32", None, device="cuda")
+    made = []
+    real_ring = extract_mod.HostRing
+    kw = {"batch_size": 20, "num_workers": 2, "chunk_size": 64, "progress": False}  # 2 images per task, 6 slots
+    queue = extract_region_embeddings(records, FileProposals(props), clip, tmp_path / "queue", host_ring=False, **kw)
+
+    def spy(*args, **kwargs):
+        ring = real_ring(*args, **kwargs)
+        made.append((ring.num_slots, ring.pinned))
+        return ring
+
+    extract_mod.HostRing = spy
+    try:
+        ring = extract_region_embeddings(records, FileProposals(props), clip, tmp_path / "ring", **kw)
+    finally:
+        extract_mod.HostRing = real_ring
+    assert made == [(6, True)]  # page-locked in place
+    for name in ("boxes.npy", "embeddings.npy", "valid.npy", "image_ids.npy"):
+        assert (queue / name).read_bytes() == (ring / name).read_bytes(), name
+
+
+def _images_and_proposals(
+    root: Path, n: int, sides: tuple[int, int], *, boxes: int, min_side: float, seed: int, png_every: int = 0
+) -> tuple[list[ImageRecord], Path]:
+    """``n`` smooth random images (every ``png_every``-th a PNG, the rest JPEGs) with ``boxes`` random
+    proposals each in a COCO results file."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    records, results = [], []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(*sides, 2))
+        img = cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        path = root / f"{i}.{'png' if png_every and i % png_every == 0 else 'jpg'}"
+        cv2.imwrite(str(path), img)
+        records.append(ImageRecord(image_id=i + 1, file_name=str(path), height=h, width=w))
+        for _ in range(boxes):
+            bw, bh = rng.uniform(min_side, w), rng.uniform(min_side, h)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            results.append({"image_id": i + 1, "bbox": [x, y, bw, bh], "score": float(rng.random())})
+    props = root / "props.json"
+    props.write_text(json.dumps(results))
+    return records, props
