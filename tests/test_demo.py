@@ -9,49 +9,21 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from ovd.config import load_config
 from ovd.demo import parse_vocabulary, run_demo
-from ovd.engine.trainer import train
 from ovd.errors import OVDError
 from ovd.predictor import Prediction, Predictor
 from ovd.utils.cli import run_cli
 from ovd.visualize import color_for_name, draw_detections
 
 REPO = Path(__file__).parents[1]
-FAST = [
-    "data.train=ovshapes_small_train",
-    "data.test=",
-    "data.num_workers=0",
-    "clip.pretrained=",  # random-init tiny CLIP: no weights needed
-    "solver.ims_per_batch=2",
-    "solver.warmup_iters=2",
-    "solver.max_iter=1",
-    "input.min_size_train=[128]",
-    "input.min_size_train_sampling=choice",
-    "input.min_size_test=64",  # small test size: fast inference
-    "model.rpn.post_nms_top_n_test=50",
-]
 CUSTOM = ["star", "moon", "tree"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A 1-iteration checkpoint; OVD_DATASETS points at a session-wide folder (generated once)."""
-    # One thread: on the shared 2-core CI box, 2 OpenMP threads made this tiny model's inference 10-30x
-    # slower (spin-waiting on a busy core). Restored at the end of the module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OVD_DATASETS", str(tmp_path_factory.getbasetemp() / "datasets"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        out = tmp_path_factory.mktemp("demo_ckpt")
-        train(load_config(REPO / "configs/ovshapes/base.yaml", FAST), out)
-        images = sorted((tmp_path_factory.getbasetemp() / "datasets").rglob("small/val/*.png"))[:3]
-        assert len(images) == 3
-        yield out / "model_final.pth", images
-    torch.set_num_threads(threads)
+def checkpoint(tiny_checkpoint):
+    """A 1-iteration checkpoint and 3 val images (tests/conftest.py)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

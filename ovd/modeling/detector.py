@@ -69,10 +69,11 @@ class OpenVocabDetector(nn.Module):
 
     def preprocess(self, images: list[Tensor]) -> ImageList:
         """Normalise and zero-pad ``uint8 Tensor[3, H_i, W_i]`` images into ``Tensor[B, 3, H, W]``."""
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # ints (symbolic while exporting: no int())
         d = self.size_divisibility
-        max_h = -(-max(h for h, _ in sizes) // d) * d
-        max_w = -(-max(w for _, w in sizes) // d) * d
+        # round up with non-negative operands: ONNX's integer division truncates towards zero
+        max_h = (max(h for h, _ in sizes) + d - 1) // d * d
+        max_w = (max(w for _, w in sizes) + d - 1) // d * d
         batch = []
         for im in images:
             x = (im.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std  # (3, H, W)
