@@ -174,3 +174,22 @@ def test_mask_rcnn_export_gives_the_masks(tmp_path):
     assert matched_detections(pred_ref, pred_got) == len(ref[0])
     np.testing.assert_array_equal(got[2], ref[2])  # same order here (no score ties), so masks compare row by row
     np.testing.assert_allclose(got[3], ref[3], atol=1e-4)
+
+
+def test_weight_transfer_model_exports(tmp_path):
+    """The method's last stage (RKD+PIS+weight transfer: its classifier is fc1-fc4 + a residual MLP)
+    exports and gives PyTorch's detections."""
+    from ovd.config import load_config
+    from ovd.modeling.build import build_model
+
+    cfg = load_config(REPO / "configs/ovshapes/rkd_pis_wt.yaml", ["model.roi_heads.score_thresh_test=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, class_embeddings=torch.randn(16, 64)).eval()
+    assert type(model.roi_heads.classifier).__name__ == "WeightTransferClassifier"
+    path = export_onnx(model, tmp_path / "wt.onnx", class_names=[f"c{i}" for i in range(16)], min_size_test=256,
+                       max_size_test=400, example_size=(96, 128))  # fmt: skip
+    image = np.random.default_rng(3).integers(0, 256, (3, 150, 200), dtype=np.uint8)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": image})
+    with torch.no_grad():
+        ref = [t.numpy() for t in ExportableDetector(model)(torch.from_numpy(image))]
+    assert len(ref[0]) > 0 and matched_detections(_as_prediction(*ref), _as_prediction(*got)) == len(ref[0])
