@@ -329,7 +329,8 @@ def run_demo(
     inside a folder are skipped with a warning.
 
     Args:
-        predictor: detects with its current vocabulary and confidence threshold.
+        predictor: detects with its current vocabulary and confidence threshold (a :class:`Predictor`,
+            or an :class:`ovd.export.OnnxDetector` for an exported model).
         input_path: an image file, a folder of image files, a video file, or ``webcam[:N]`` (OpenCV
             camera N, default 0: recorded into ``webcam<N>_annotated.mp4`` until ``max_frames`` or Ctrl-C).
         output_dir: created if missing; must not be the input folder.

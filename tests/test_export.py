@@ -3,6 +3,7 @@ included), an empty result when nothing passes the threshold, its metadata, the 
 clear errors."""
 
 import json
+import shutil
 from importlib import util
 from pathlib import Path
 
@@ -150,6 +151,23 @@ def test_cli(tiny_checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temporary file left
     assert run_cli(tool.main, ["--checkpoint", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "m.onnx")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+    # the demo runs the exported file: annotated images + detections.json with its vocabulary
+    spec = util.spec_from_file_location("demo_tool", REPO / "tools/demo.py")
+    demo = util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    images = tiny_checkpoint[1]
+    (tmp_path / "in").mkdir()
+    for image in images:
+        shutil.copy(image, tmp_path / "in" / image.name)
+    argv = ["--onnx", str(out), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "demo"),
+            "--confidence", "0", "--no-progress"]  # fmt: skip
+    assert run_cli(demo.main, argv) == 0
+    coco = json.loads((tmp_path / "demo/detections.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["star", "moon"] and len(coco["annotations"]) > 0
+    assert all((tmp_path / "demo" / p.name).is_file() for p in images)
+    capsys.readouterr()
+    assert run_cli(demo.main, [*argv[:6], "--vocabulary", "cat"]) == 2  # the vocabulary is baked in
+    assert "--vocabulary: an exported model detects the vocabulary it was exported with" in capsys.readouterr().err
 
 
 def test_mask_rcnn_export_gives_the_masks(tmp_path):

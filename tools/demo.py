@@ -7,6 +7,7 @@ Example:
     python tools/demo.py --checkpoint output/ovshapes/base/model_final.pth --input photo.png \
         --output out/ --vocabulary "star, moon, tree"
     python tools/demo.py --checkpoint C --input webcam:0 --output out/ --max-frames 300
+    python tools/demo.py --onnx model.onnx --input photo.png --output out/   # tools/export_onnx.py
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import sys
 
 from ovd.demo import input_kind, parse_vocabulary, run_demo
+from ovd.errors import OVDError
 from ovd.predictor import Predictor
 from ovd.utils.cli import run_cli, setup_logging
 
@@ -31,7 +33,9 @@ def confidence(value: str) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_final.pth written by tools/train_net.py")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="model_final.pth written by tools/train_net.py")
+    model.add_argument("--onnx", help="a model exported by tools/export_onnx.py (run with onnxruntime; its vocabulary)")
     p.add_argument(
         "--input",
         required=True,
@@ -60,9 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     input_kind(args.input)  # fail on a missing input before loading the model
     vocabulary = parse_vocabulary(args.vocabulary) if args.vocabulary is not None else None
-    predictor = Predictor(args.checkpoint, confidence=args.confidence, device=args.device)
-    if vocabulary is not None:
-        predictor.set_vocabulary(vocabulary)
+    if args.onnx is not None:
+        if vocabulary is not None:
+            raise OVDError("an exported model detects the vocabulary it was exported with", field="--vocabulary")
+        from ovd.export import OnnxDetector
+
+        predictor = OnnxDetector(args.onnx, confidence=args.confidence)
+    else:
+        predictor = Predictor(args.checkpoint, confidence=args.confidence, device=args.device)
+        if vocabulary is not None:
+            predictor.set_vocabulary(vocabulary)
     summary = run_demo(predictor, args.input, args.output, progress=not args.no_progress, max_frames=args.max_frames)
     outputs = summary["outputs"]
     annotated = outputs[0] if len(outputs) == 1 else f"{args.output} ({len(outputs)} annotated images)"
