@@ -22,6 +22,7 @@ Metadata (``onnx.ModelProto.metadata_props``): ``ovd.class_names`` (JSON list), 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from ovd.errors import OVDError
 from ovd.modeling.detector import OpenVocabDetector
+from ovd.predictor import Prediction, Predictor, rgb_image
 
 OUTPUTS = ("boxes", "scores", "labels")
 MASK_OUTPUT = "masks"
@@ -83,7 +85,7 @@ def _export_friendly_nms() -> Iterator[None]:
 
 def _require(module: str) -> Any:
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError as e:
         raise OVDError(f"ONNX export needs the {module!r} package: pip install 'ovd[export]'") from e
 
@@ -204,14 +206,9 @@ class OnnxDetector:
         )
         self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
 
-    def __call__(self, image: np.ndarray | str | os.PathLike[str]) -> Any:
-        """Detect on an RGB ``uint8[H, W, 3]`` array or an image path → :class:`ovd.predictor.Prediction`."""
-        from ovd.data.loader import read_image_rgb
-        from ovd.predictor import Prediction
-
-        array = read_image_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image)
-        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-            raise OVDError(f"expected an RGB uint8 (H, W, 3) image, got {array.dtype} {array.shape}")
+    def __call__(self, image: np.ndarray | str | os.PathLike[str]) -> Prediction:
+        """Detect on an RGB ``uint8[H, W, 3]`` array, a PIL image or an image path."""
+        array = rgb_image(image)
         params = self.augmentation.sample(array.shape[0], array.shape[1], np.random.default_rng(0))
         resized = np.ascontiguousarray(params.apply_image(array).transpose(2, 0, 1))  # (3, h, w)
         result = dict(zip(self.outputs, self.session.run(self.outputs, {"image": resized}), strict=True))
@@ -222,9 +219,9 @@ class OnnxDetector:
         return Prediction(boxes, result["scores"][keep].astype(np.float32), labels, names)
 
 
-def matched_detections(a: Any, b: Any, *, score_tol: float = 1e-4, iou_min: float = 0.999) -> int:
+def matched_detections(a: Prediction, b: Prediction, *, score_tol: float = 1e-4, iou_min: float = 0.999) -> int:
     """How many detections of ``a`` have a twin in ``b`` (same label, score within ``score_tol``, box IoU
-    above ``iou_min``); ``a``, ``b``: :class:`ovd.predictor.Prediction`."""
+    above ``iou_min``)."""
     if len(a) == 0 or len(b) == 0:
         return 0
     iou = torchvision.ops.box_iou(torch.from_numpy(a.boxes), torch.from_numpy(b.boxes)).numpy()  # (Na, Nb)
@@ -232,8 +229,10 @@ def matched_detections(a: Any, b: Any, *, score_tol: float = 1e-4, iou_min: floa
     return int((same & (iou >= iou_min)).any(axis=1).sum())
 
 
-def check_export(predictor: Any, path: str | os.PathLike[str], size: tuple[int, int] = (300, 400)) -> dict[str, Any]:
-    """Run ``predictor`` (:class:`ovd.Predictor`) and the exported file on one random ``size`` image.
+def check_export(
+    predictor: Predictor, path: str | os.PathLike[str], size: tuple[int, int] = (300, 400)
+) -> dict[str, Any]:
+    """Run ``predictor`` and the exported file on one random ``size`` image.
 
     Returns:
         ``{"size", "torch", "onnx", "matched"}``: detection counts and how many of PyTorch's have an

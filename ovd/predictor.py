@@ -46,6 +46,20 @@ class Prediction:
         return int(self.scores.shape[0])
 
 
+def rgb_image(image: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
+    """An RGB ``uint8[H, W, 3]`` array from an array, a PIL image or an image path.
+
+    Raises:
+        OVDError: an unreadable file (naming it) or an array of another shape or dtype.
+    """
+    if isinstance(image, (str, Path)):
+        return read_image_rgb(str(image))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise OVDError(f"expected an RGB uint8 (H, W, 3) image, got {array.dtype} {array.shape}")
+    return array
+
+
 class Predictor:
     """Load a checkpoint and detect the classes of a vocabulary.
 
@@ -112,12 +126,7 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray | str | os.PathLike[str]) -> Prediction:
         """Detect on an RGB ``uint8[H, W, 3]`` array, a PIL image or an image path."""
-        if isinstance(image, (str, Path)):
-            array = read_image_rgb(str(image))
-        else:
-            array = np.asarray(image)
-            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-                raise OVDError(f"expected an RGB uint8 (H, W, 3) image, got {array.dtype} {array.shape}")
+        array = rgb_image(image)
         params = self.augmentation.sample(array.shape[0], array.shape[1], np.random.default_rng(0))
         tensor = torch.from_numpy(np.ascontiguousarray(params.apply_image(array))).permute(2, 0, 1)
         det = self.model([tensor])[0]

@@ -668,7 +668,7 @@ def _keep(
         try:
             boxes = clip_to_image(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), rec.height, rec.width)  # (P, 4)
             kept.append(select_top_k(boxes, scores, nms_thresh=nms_thresh, k=k)[0])  # (K_i, 4)
-        except (OVDError, ValueError) as e:
+        except ValueError as e:  # OVDError included
             reason = e.reason if isinstance(e, OVDError) else str(e)
             raise OVDError(f"proposals of image {rec.image_id} ({rec.file_name}): {reason}", path=path) from e
     return kept
