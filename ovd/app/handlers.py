@@ -159,7 +159,5 @@ class DemoHandlers:
             json_path = out_dir / f"detections_{_slug(name)}.json"
             write_json(json_path, coco.to_json())
             annotated = draw_detections(image.rgb, prediction)
-            results.append(
-                ModelResult(name, original, annotated, table_rows(original), json_path, seconds, cached)
-            )
+            results.append(ModelResult(name, original, annotated, table_rows(original), json_path, seconds, cached))
         return run_id, image, results

@@ -45,12 +45,12 @@ def parse_names(text: str | None) -> list[str]:
     if not names:
         raise OVDError("the vocabulary is empty: type class names separated by commas", field="vocabulary")
     if len(names) > MAX_VOCABULARY_NAMES:
-        raise OVDError(
-            f"{len(names):,} class names is too many (at most {MAX_VOCABULARY_NAMES:,})", field="vocabulary"
-        )
+        raise OVDError(f"{len(names):,} class names is too many (at most {MAX_VOCABULARY_NAMES:,})", field="vocabulary")
     long = [n for n in names if len(n) > MAX_NAME_CHARS]
     if long:
-        raise OVDError(f"a class name is longer than {MAX_NAME_CHARS} characters: {long[0][:40]!r}...", field="vocabulary")
+        raise OVDError(
+            f"a class name is longer than {MAX_NAME_CHARS} characters: {long[0][:40]!r}...", field="vocabulary"
+        )
     seen: dict[str, int] = {}
     for n in names:
         seen[n.lower()] = seen.get(n.lower(), 0) + 1

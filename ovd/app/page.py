@@ -92,7 +92,9 @@ def build_page(handlers: DemoHandlers, *, examples: Sequence[str | os.PathLike[s
                     lines=3,
                     elem_id="vocabulary",
                 )
-                confidence = gr.Slider(0.0, 1.0, DEFAULT_CONFIDENCE, step=0.01, label="Confidence", elem_id="confidence")
+                confidence = gr.Slider(
+                    0.0, 1.0, DEFAULT_CONFIDENCE, step=0.01, label="Confidence", elem_id="confidence"
+                )
                 run = gr.Button("Detect", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 status = gr.Markdown("Ready.", elem_id="status")
