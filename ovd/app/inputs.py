@@ -2,9 +2,9 @@
 
 Every check raises :class:`~ovd.errors.OVDError` with a message meant for the page. Images are decoded
 within a memory bound: the header is read first (PIL, no pixels), a JPEG larger than
-:data:`MAX_DECODE_PIXELS` is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: the full image is
-never in memory), any other format that large is refused, and what is decoded is downscaled to
-:data:`MAX_SIDE` pixels on its long side.
+:data:`MAX_DECODE_PIXELS` is decoded at 1/2, 1/4 or 1/8 scale (OpenCV's reduced reads:
+libjpeg's DCT scaling, the full image is never in memory), any other format that large is refused,
+and what is decoded is downscaled to :data:`MAX_SIDE` pixels on its long side.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ MAX_DECODE_PIXELS = 40_000_000
 # Long side of the image the model sees, at most: a detector resizes to its test scale (256 to 1,333 px)
 # anyway, so larger inputs only cost memory and drawing time.
 MAX_SIDE = 4096
+_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _SEPARATORS = re.compile(r"[,\n;]")
 
 
@@ -115,18 +116,16 @@ def load_image(path: str | os.PathLike[str], *, name: str | None = None) -> Load
         except OVDError as e:
             raise OVDError("cannot decode the image (corrupt or truncated file)", path=label) from e
     elif header.format == "JPEG":
-        factor = 1
+        header.close()
+        factor = 2
         while factor < 8 and width * height / (factor * factor) > MAX_DECODE_PIXELS:
             factor *= 2
-        try:
-            header.draft("RGB", (width // factor, height // factor))  # libjpeg decodes at 1/factor scale
-            rgb = np.asarray(header.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise OVDError("cannot decode the image (corrupt or truncated file)", path=label) from e
-        finally:
-            header.close()
-        if rgb.shape[0] * rgb.shape[1] > MAX_DECODE_PIXELS:
+        if width * height / (factor * factor) > MAX_DECODE_PIXELS:
             raise OVDError(f"the image is {width}x{height}: too large even at 1/8 scale", path=label)
+        bgr = cv2.imread(str(path), _REDUCED_COLOR[factor])  # libjpeg decodes at 1/factor scale
+        if bgr is None:
+            raise OVDError("cannot decode the image (corrupt or truncated file)", path=label)
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: one decoded copy in memory
     else:
         header.close()
         raise OVDError(
