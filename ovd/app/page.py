@@ -12,6 +12,7 @@ link is created, and the server binds 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -110,20 +111,21 @@ def build_page(handlers: DemoHandlers, *, examples: Sequence[str | os.PathLike[s
                                 gr.File(label="COCO results JSON", elem_id=f"json{suffix}"),
                             ]
 
+        requests = itertools.count(1)
+
         def on_run(payload: Any, text: str, threshold: float, name: str, other: str) -> list[Any]:
+            request = f"Request {next(requests)}:"  # numbered, so that each answer is told apart
             empty: list[Any] = [None, None, None] * 2
             try:
                 path, original_name = _uploaded_file(payload, allowed)
                 second = None if other in (None, NO_COMPARE) else other
-                run_id, loaded, results = handlers.run(
-                    path, text, float(threshold), name, second, image_name=original_name
-                )
+                _, loaded, results = handlers.run(path, text, float(threshold), name, second, image_name=original_name)
             except OVDError as e:
-                return [f"**Error:** {e}", *empty]
+                return [f"{request} **Error:** {e}", *empty]
             except Exception as e:  # one user's unexpected failure must not end the server
                 logger.exception("run failed")
-                return [f"**Error:** internal error ({type(e).__name__}: {e})", *empty]
-            lines = [f"Run {run_id}: " + "; ".join(r.summary() for r in results)]
+                return [f"{request} **Error:** internal error ({type(e).__name__}: {e})", *empty]
+            lines = [f"{request} " + "; ".join(r.summary() for r in results)]
             if loaded.reduced:
                 h, w = loaded.original_size
                 lines.append(

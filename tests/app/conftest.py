@@ -1,6 +1,8 @@
 """Fixtures of the web-demo tests: the tiny checkpoint (tests/conftest.py) and a saved CLIP text encoder,
 so that the page and a separate :class:`Predictor` encode new names with the same (random-init) weights."""
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,17 @@ def assert_same_detections():
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def huge_png(tmp_path_factory) -> Path:
+    """A PNG whose header says 12,000 x 12,000 RGB and whose pixel data is one short zero row."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
