@@ -134,7 +134,7 @@ def build_page(handlers: DemoHandlers, *, examples: Sequence[str | os.PathLike[s
                 )
             values: list[Any] = []
             for r in [*results, None][:2]:
-                values += [None, None, None] if r is None else [r.annotated, r.rows, str(r.json_path)]
+                values += [None, None, None] if r is None else [str(r.image_path), r.rows, str(r.json_path)]
             return ["\n\n".join(lines), *values]
 
         def on_preset(choice: str, name: str) -> Any:
@@ -150,6 +150,7 @@ def build_page(handlers: DemoHandlers, *, examples: Sequence[str | os.PathLike[s
             preprocess=False,  # the image arrives as Gradio's file record: decoded by ovd.app.inputs
             concurrency_id="detect",
             concurrency_limit=1,
+            show_progress="minimal",  # a spinner on the status line, no overlay on every output
         )
         preset.input(on_preset, [preset, model], [vocabulary], concurrency_id="detect")
     return page
@@ -194,6 +195,7 @@ def launch(
         ssr_mode=False,
         mcp_server=False,
         pwa=False,
+        run_history=False,  # runs (with the users' images) are not stored in the browser
         theme=offline_theme(),
     )
     return page

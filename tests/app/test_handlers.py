@@ -43,6 +43,7 @@ def test_run_equals_predictor_and_draws_like_demo(handlers, image, reference, as
     assert not loaded.reduced and loaded.rgb.shape == read_image_rgb(str(image)).shape
     # the drawing of tools/demo.py, pixel for pixel
     np.testing.assert_array_equal(result.annotated, draw_detections(read_image_rgb(str(image)), want))
+    np.testing.assert_array_equal(read_image_rgb(str(result.image_path)), result.annotated)  # the PNG the page shows
     # table: by decreasing score, rounded as detections.json
     top = int(np.argmax(want.scores))
     assert result.rows[0] == [want.names[top], round(float(want.scores[top]), 5), *np.round(want.boxes[top], 2)]
