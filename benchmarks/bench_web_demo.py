@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     diffs = [a - b for a, b in zip(page_ms, direct_ms, strict=True)]
     page_med, direct_med = statistics.median(page_ms), statistics.median(direct_ms)
     command = " ".join(argv if argv is not None else sys.argv[1:])
+    model = checkpoint if args.checkpoint else "the OV-Shapes recipe after 1 iteration"
     lines = [
         f"Command: `cd benchmarks && python bench_web_demo.py {command}`",
         "",
         f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__} ({args.threads} thread), "
-        f"Python {platform.python_version()}; model: {'the 1-iteration OV-Shapes recipe' if not args.checkpoint else checkpoint}; "
+        f"Python {platform.python_version()}; model: {model}; "
         f"image {image.name} ({len(prediction)} detections at confidence {args.confidence}); medians of "
         f"{args.repeats} runs after {args.warmup} warm-ups, page and direct interleaved.",
         "",
