@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from ovd.data.catalog import get_dataset
     from ovd.predictor import Predictor
 
+    load_before = os.getloadavg()[0]
     chromium, chromedriver, missing = browser.find_browser()
     if chromium is None or chromedriver is None:
         sys.exit(f"bench_web_demo: {missing}")
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__} ({args.threads} thread), "
         f"Python {platform.python_version()}; model: {model}; "
         f"image {image.name} ({len(prediction)} detections at confidence {args.confidence}); medians of "
-        f"{args.repeats} runs after {args.warmup} warm-ups, page and direct interleaved.",
+        f"{args.repeats} runs after {args.warmup} warm-ups, page and direct interleaved; 1-minute load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs on the host).",
         "",
         "| path | median (ms) | min (ms) | max (ms) |",
         "|---|---:|---:|---:|",
