@@ -225,3 +225,18 @@ def test_tool_defaults_and_errors(tmp_path, monkeypatch, capsys):
     assert "no checkpoint matches output/ovshapes/*/model_final.pth" in capsys.readouterr().err
     assert run_cli(tool.main, ["--checkpoint", "missing.pth"]) == 2
     assert "missing.pth: checkpoint not found" in capsys.readouterr().err
+
+
+def test_loopback_guard_refuses_outside_connections():
+    """The browser tests' offline check (ovd.app.browser.loopback_only) can fail: it sees attempts."""
+    import socket
+
+    from ovd.app.browser import loopback_only
+
+    with loopback_only() as attempts, socket.socket() as s:
+        s.settimeout(0.1)
+        with pytest.raises(OSError, match="no network"):
+            s.connect(("192.0.2.1", 80))  # TEST-NET-1: never routed
+        with pytest.raises(socket.gaierror):
+            socket.getaddrinfo("example.com", 443)
+    assert attempts == ["('192.0.2.1', 80)", "example.com"]
