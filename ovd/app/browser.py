@@ -69,7 +69,8 @@ def loopback_only() -> Iterator[list[str]]:
 
 
 def start_chromium(browser: str, driver: str, *, width: int = 1400, height: int = 1100) -> Any:
-    """Headless Chromium that resolves no host but 127.0.0.1 and logs its network requests."""
+    """Headless Chromium that resolves no host but 127.0.0.1, logs its network requests and has a
+    synthetic webcam."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -84,6 +85,8 @@ def start_chromium(browser: str, driver: str, *, width: int = 1400, height: int 
         "--no-first-run",
         f"--window-size={width},{height}",
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--use-fake-device-for-media-stream",  # a synthetic webcam, access granted without a prompt
+        "--use-fake-ui-for-media-stream",
     ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
@@ -208,11 +211,41 @@ def read_table(driver: Any, element_id: str = "table") -> list[list[str]]:
     return driver.execute_async_script(_READ_TABLE, f"#{element_id}")
 
 
-def read_image(driver: Any, element_id: str = "annotated") -> np.ndarray:
-    """The annotated image shown in the page, fetched from its URL (loopback), as RGB."""
-    src = css(driver, f"#{element_id} img").get_attribute("src")
+def image_bytes(driver: Any, element_id: str) -> bytes:
+    """The file behind the image an image component shows, fetched from its URL (loopback)."""
+    src = css(driver, f"#{element_id} img[src^=http]").get_attribute("src")
     with urllib.request.urlopen(src, timeout=WAIT_S) as response:
-        return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+        return response.read()
+
+
+def read_image(driver: Any, element_id: str = "annotated") -> np.ndarray:
+    """The annotated image shown in the page, as RGB."""
+    return np.asarray(Image.open(io.BytesIO(image_bytes(driver, element_id))).convert("RGB"))
+
+
+def webcam_snapshot(driver: Any) -> None:
+    """Switch the image input to the webcam, allow it and take a snapshot."""
+    css(driver, '#image button[aria-label="Capture from camera"]').click()
+    allow = wait_for(
+        lambda: (
+            driver.find_elements("css selector", '#image [title="grant webcam access"] button')
+            or driver.find_elements("css selector", '#image button[aria-label="capture photo"]')
+        ),
+        "the webcam",
+    )
+    if allow[0].get_attribute("aria-label") != "capture photo":
+        allow[0].click()
+    capture = wait_for(
+        lambda: driver.find_elements("css selector", '#image button[aria-label="capture photo"]'), "the capture button"
+    )
+    wait_for(
+        lambda: driver.execute_script(
+            "const v = document.querySelector('#image video'); return v && v.readyState >= 2"
+        ),
+        "the video",
+    )
+    capture[0].click()
+    wait_for(lambda: driver.find_elements("css selector", "#image img[src^=http]"), "the snapshot")
 
 
 def link(driver: Any, element_id: str) -> str:

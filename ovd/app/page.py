@@ -78,7 +78,12 @@ def build_page(handlers: DemoHandlers, *, examples: Sequence[str | os.PathLike[s
                     label="Image", type="filepath", sources=["upload", "webcam", "clipboard"], elem_id="image"
                 )
                 if examples:
-                    gr.Examples([[str(e)] for e in examples], inputs=[image], label="Examples (OV-Shapes val)")
+                    gr.Examples(
+                        [[str(e)] for e in examples],
+                        inputs=[image],
+                        label="Examples (OV-Shapes val)",
+                        elem_id="examples",
+                    )
                 with gr.Row():
                     model = gr.Dropdown(zoo.names, value=first, label="Model", elem_id="model")
                     compare = gr.Dropdown(

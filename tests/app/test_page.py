@@ -113,6 +113,25 @@ def test_compare_and_presets_in_the_page(server, driver, tiny_checkpoint, refere
     browser.choose(driver, "compare", "(none)")
 
 
+def test_example_and_webcam_snapshot(server, driver, tiny_checkpoint, reference, tmp_path, assert_same_detections):
+    example = tiny_checkpoint[1][1]  # the first example of the server fixture
+    browser.css(driver, "#examples button").click()
+    browser.type_vocabulary(driver, ", ".join(NAMES))
+    confidence = browser.move_slider(driver, 10)
+    press(driver)
+    assert page_rows(driver) == table_rows(reference(example, NAMES, confidence))
+    with urllib.request.urlopen(browser.link(driver, "json"), timeout=30) as response:
+        assert json.loads(response.read())["images"][0]["file_name"] == example.name
+    # a snapshot of Chromium's synthetic webcam: detected as Predictor detects the very file uploaded
+    browser.css(driver, '#image button[aria-label="Remove Image"]').click()
+    browser.webcam_snapshot(driver)
+    snapshot = tmp_path / "snapshot.png"
+    snapshot.write_bytes(browser.image_bytes(driver, "image"))
+    press(driver)
+    assert page_rows(driver) == table_rows(reference(snapshot, NAMES, confidence))
+    browser.css(driver, '#image button[aria-label="Upload file"]').click()
+
+
 @pytest.mark.parametrize(
     ("upload_file", "vocabulary", "message"),
     [
