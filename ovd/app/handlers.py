@@ -49,6 +49,7 @@ class ModelResult:
         image_path: ``annotated`` as a PNG file (fast compression: the page sends this file).
         seconds: the model's time (detector call only).
         cached: the vocabulary's text embeddings came from the cache.
+        fixed_vocabulary: an exported model, which detects its own classes whatever the vocabulary box says.
     """
 
     model: str
@@ -59,13 +60,15 @@ class ModelResult:
     image_path: Path
     seconds: float
     cached: bool
+    fixed_vocabulary: bool = False
 
     def summary(self) -> str:
-        embeddings = "cached" if self.cached else "computed"
-        return (
-            f"{self.model}: {len(self.prediction)} detections, model {self.seconds * 1000:.1f} ms "
-            f"(text embeddings {embeddings})"
+        vocabulary = (
+            "exported: its own classes"
+            if self.fixed_vocabulary
+            else f"text embeddings {'cached' if self.cached else 'computed'}"
         )
+        return f"{self.model}: {len(self.prediction)} detections, model {self.seconds * 1000:.1f} ms ({vocabulary})"
 
 
 def _to_original(prediction: Prediction, image: LoadedImage) -> Prediction:
@@ -176,5 +179,5 @@ class DemoHandlers:
             image_path = out_dir / f"annotated_{_slug(name)}.png"
             write_png(image_path, annotated)
             rows = table_rows(original)
-            results.append(ModelResult(name, original, annotated, rows, json_path, image_path, seconds, cached))
+            results.append(ModelResult(name, original, annotated, rows, json_path, image_path, seconds, cached, fixed))
         return run_id, image, results

@@ -240,3 +240,58 @@ def test_loopback_guard_refuses_outside_connections():
         with pytest.raises(socket.gaierror):
             socket.getaddrinfo("example.com", 443)
     assert attempts == ["('192.0.2.1', 80)", "example.com"]
+
+
+def test_an_exported_model_detects_its_own_classes(monkeypatch, tiny_checkpoint, clip_file, tmp_path, image):
+    """An ONNX model beside a checkpoint: its own vocabulary and the slider's threshold. Exporting takes
+    a minute here, so OnnxDetector is stood in for by a Predictor with its interface (class_names, a
+    ``confidence`` attribute applied to the scores; tests/test_export.py checks OnnxDetector itself)."""
+    import ovd.export
+    from ovd.predictor import Predictor
+
+    checkpoint = tiny_checkpoint[0]
+
+    class ExportedStandIn:
+        def __init__(self, path) -> None:
+            self.predictor = Predictor(checkpoint, confidence=0.0, device="cpu")
+            self.class_names = list(self.predictor.class_names)
+            self.confidence = 0.0
+
+        def __call__(self, array):
+            prediction = self.predictor(array)
+            keep = prediction.scores >= self.confidence
+            names = [n for n, k in zip(prediction.names, keep, strict=True) if k]
+            return type(prediction)(prediction.boxes[keep], prediction.scores[keep], prediction.labels[keep], names)
+
+    monkeypatch.setattr(ovd.export, "OnnxDetector", ExportedStandIn)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"stand-in")
+    zoo = ModelZoo(model_sources([checkpoint], [onnx]), clip_pretrained=clip_file)
+    handlers = DemoHandlers(zoo, tmp_path / "web")
+    name, exported = zoo.names
+    assert exported == "model (onnx)" and zoo.is_fixed_vocabulary(exported) and not zoo.is_fixed_vocabulary(name)
+    own = zoo.own_classes(exported)
+    _, _, (a, b) = handlers.run(image, VOCABULARY, 0.5, name, exported)
+    assert set(a.prediction.names) <= set(NAMES) and set(b.prediction.names) <= set(own)
+    assert (b.prediction.scores >= 0.5).all() and "exported: its own classes" in b.summary()
+    assert [c["name"] for c in json.loads(b.json_path.read_text())["categories"]] == own
+    # alone, it needs no vocabulary: an empty box is fine
+    _, _, [alone] = handlers.run(image, "", 0.5, exported)
+    np.testing.assert_array_equal(alone.prediction.boxes, b.prediction.boxes)
+    with pytest.raises(OVDError, match="detects only its own classes"):
+        zoo.detect(exported, read_image_rgb(str(image)), NAMES, 0.5)
+
+
+def test_concurrent_runs_do_not_mix_vocabularies(handlers, image):
+    """Two users at once on one model with different vocabularies: each gets its own detections (the
+    zoo switches vocabulary and threshold and detects under one lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = handlers.zoo.names[0]
+    jobs = [("star, moon, tree", 0.05), ("cat, dog", 0.3)] * 4
+    alone = {job: handlers.run(image, *job, model)[2][0].prediction for job in set(jobs)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda job: handlers.run(image, *job, model)[2][0].prediction, jobs))
+    for job, got in zip(jobs, together, strict=True):
+        assert got.names == alone[job].names
+        np.testing.assert_array_equal(got.boxes, alone[job].boxes)
