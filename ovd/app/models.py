@@ -49,7 +49,9 @@ class ModelSource:
     kind: str
 
 
-def model_sources(checkpoints: Sequence[str | os.PathLike[str]], onnx_files: Sequence[str | os.PathLike[str]] = ()):
+def model_sources(
+    checkpoints: Sequence[str | os.PathLike[str]], onnx_files: Sequence[str | os.PathLike[str]] = ()
+) -> list[ModelSource]:
     """Name each file for the selector: a ``model_final.pth`` by its run folder (``rkd_pis_wt``), any
     other file by its stem; ONNX files get `` (onnx)``; clashes get `` #2``, `` #3``...
 
@@ -82,10 +84,18 @@ def discover_checkpoints(pattern: str = DEFAULT_CHECKPOINT_GLOB, root: str | os.
 
 
 @dataclass
-class _Loaded:
-    detector: Any  # Predictor | OnnxDetector
+class LoadedModel:
+    """A model in memory.
+
+    Attributes:
+        detector: a :class:`Predictor` or an :class:`ovd.export.OnnxDetector`.
+        own_classes: the vocabulary it was trained (or exported) with.
+        current: the vocabulary it holds now.
+    """
+
+    detector: Any
     own_classes: list[str]
-    current: tuple[str, ...]  # the vocabulary the detector holds now
+    current: tuple[str, ...]
 
 
 class ModelZoo:
@@ -101,7 +111,7 @@ class ModelZoo:
         self.sources = {s.name: s for s in sources}
         self.device = device
         self.clip_pretrained = clip_pretrained
-        self._loaded: dict[str, _Loaded] = {}
+        self._loaded: dict[str, LoadedModel] = {}
         self._embeddings: OrderedDict[tuple[str, tuple[str, ...]], Tensor] = OrderedDict()
         self._text_encoders: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.RLock()
@@ -121,7 +131,7 @@ class ModelZoo:
             raise OVDError(f"unknown model {name!r} (serving: {', '.join(self.sources)})", field="model")
         return self.sources[name]
 
-    def load(self, name: str) -> _Loaded:
+    def load(self, name: str) -> LoadedModel:
         """The loaded model (read from disk on first use only)."""
         with self._lock:
             if name in self._loaded:
@@ -140,7 +150,7 @@ class ModelZoo:
                 own = load_checkpoint(source.path)["vocabulary"]["embeddings"]
                 self._remember((name, tuple(detector.class_names)), own)
             self.loads += 1
-            loaded = _Loaded(detector, list(detector.class_names), tuple(detector.class_names))
+            loaded = LoadedModel(detector, list(detector.class_names), tuple(detector.class_names))
             self._loaded[name] = loaded
             logger.info("loaded %s (%s) in %.1f s", name, source.path, time.perf_counter() - start)
             return loaded
