@@ -250,3 +250,15 @@ def webcam_snapshot(driver: Any) -> None:
 
 def link(driver: Any, element_id: str) -> str:
     return css(driver, f"#{element_id} a[href]").get_attribute("href")
+
+
+def sort_table(driver: Any, column: str, *, ascending: bool, element_id: str = "table") -> None:
+    """Sort a results table by a column through its header menu."""
+    button = css(driver, f'#{element_id} th[title="{column}"] button[aria-label="Open cell menu"]')
+    driver.execute_script("arguments[0].click()", button)  # shown on hover only
+    label = "Sort ascending" if ascending else "Sort descending"
+    item = wait_for(
+        lambda: [b for b in driver.find_elements("css selector", "[role=menuitem]") if b.text.strip() == label],
+        f"the {label!r} menu item",
+    )
+    item[0].click()

@@ -164,3 +164,14 @@ def test_a_non_image_file_is_refused_by_the_page(server, driver, tmp_path):
     browser.css(driver, "#image input[type=file]").send_keys(str(notes))
     browser.wait_for(lambda: "Invalid file type" in browser.css(driver, "body").text, "the page's message")
     assert "Error:" not in browser.status(driver)
+
+
+def test_the_table_sorts(server, driver, tiny_checkpoint):
+    """Last in this module: the sort order it leaves would apply to later results."""
+    browser.upload(driver, tiny_checkpoint[1][0])
+    browser.type_vocabulary(driver, ", ".join(NAMES))
+    press(driver)
+    scores = [row[1] for row in page_rows(driver)]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
+    browser.sort_table(driver, "score", ascending=True)
+    browser.wait_for(lambda: [row[1] for row in page_rows(driver)] == sorted(scores), "the ascending order")
