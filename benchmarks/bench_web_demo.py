@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_web_") as tmp:
         work = Path(tmp)
         os.environ.setdefault("OVD_DATASETS", str(work / "datasets"))
+        os.environ["GRADIO_TEMP_DIR"] = str(work / "gradio")  # uploads and results deleted at the end
         checkpoint = Path(args.checkpoint) if args.checkpoint else train_checkpoint(work)
         image = sorted(get_dataset("ovshapes_small_val").image_root_path.glob("*.png"))[0]
         zoo = ModelZoo(model_sources([checkpoint]))

@@ -39,7 +39,8 @@ def server(tiny_checkpoint, clip_file, tmp_path_factory):
     checkpoint, images = tiny_checkpoint
     zoo = ModelZoo(model_sources([checkpoint, checkpoint]), clip_pretrained=clip_file)
     port = browser.free_port()
-    with browser.loopback_only() as attempts:
+    with browser.loopback_only() as attempts, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # uploads land in the test's folder
         page = launch(zoo, port=port, examples=images[1:3], workdir=tmp_path_factory.mktemp("web"), block=False)
         try:
             yield f"http://127.0.0.1:{port}/", attempts
