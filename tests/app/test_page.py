@@ -29,7 +29,11 @@ NAMES = ["star", "moon", "tree"]
 SCREENSHOT_ENV = "OVD_WEB_SCREENSHOT"
 
 CHROMIUM, CHROMEDRIVER, MISSING = browser.find_browser()
-pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason=MISSING)
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason=MISSING),
+    # Gradio's own use of pandas 3 (its queue), not ovd's
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning", "ignore:The copy keyword:Warning"),
+]
 
 
 @pytest.fixture(scope="module")
