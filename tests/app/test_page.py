@@ -55,10 +55,12 @@ def server(tiny_checkpoint, clip_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def driver(server):
     chromium = browser.start_chromium(CHROMIUM, CHROMEDRIVER)
-    browser.open_page(chromium, server[0])
-    chromium.requests = 0  # Detect presses so far (the status line numbers them)
-    yield chromium
-    chromium.quit()
+    try:
+        browser.open_page(chromium, server[0])
+        chromium.requests = 0  # Detect presses so far (the status line numbers them)
+        yield chromium
+    finally:
+        chromium.quit()
 
 
 def press(driver) -> str:
