@@ -147,7 +147,7 @@ def input_kind(path: str | os.PathLike[str]) -> str:
     )
 
 
-class _CocoResults:
+class CocoResults:
     """Accumulates the ``images`` and ``annotations`` of ``detections.json``."""
 
     def __init__(self, class_names: list[str]) -> None:
@@ -198,7 +198,7 @@ def _check_not_input(output: Path, source: Path) -> None:
 
 
 def _annotate_images(
-    predictor: Predictor, files: list[Path], output_dir: Path, results: _CocoResults, bar: tqdm
+    predictor: Predictor, files: list[Path], output_dir: Path, results: CocoResults, bar: tqdm
 ) -> tuple[list[str], list[str]]:
     """Detect on each image file and write its annotated copy; returns (written, skipped) paths."""
     written, skipped = [], []
@@ -266,7 +266,7 @@ def _annotate_video(
     predictor: Predictor,
     path: Path,
     output_dir: Path,
-    results: _CocoResults,
+    results: CocoResults,
     progress: bool,
     *,
     camera: int | None = None,
@@ -350,7 +350,7 @@ def run_demo(
     kind = input_kind(input_path)
     source = Path(input_path)
     out_dir = Path(output_dir)
-    results = _CocoResults(list(predictor.class_names))
+    results = CocoResults(list(predictor.class_names))
     if kind in ("video", "camera"):
         out_dir.mkdir(parents=True, exist_ok=True)
         camera = camera_index(input_path) if kind == "camera" else None

@@ -88,6 +88,7 @@ def register_dataset(info: DatasetInfo, *, overwrite: bool = False) -> None:
 
 
 def list_datasets() -> list[str]:
+    _ensure_builtins()
     return sorted(_CATALOG)
 
 
