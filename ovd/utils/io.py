@@ -1,7 +1,10 @@
 """Atomic file writes and JSON reading with clear errors.
 
 A file is written to a temporary sibling and moved into place with :func:`os.replace`, so a run that
-is killed mid-write never leaves a truncated file where a good one used to be.
+is killed mid-write never leaves a truncated file where a good one used to be. The file is
+``fsync``-ed before the rename and its folder after it, so that a power loss cannot leave an empty
+"finished" file either; it gets the permissions a plain ``open`` would give (``0o666`` less the
+umask), not :func:`tempfile.mkstemp`'s ``0o600``.
 """
 
 from __future__ import annotations
@@ -9,12 +12,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from ovd.errors import OVDError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
+def _finish(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the umask's permissions, flush it, move it onto ``path`` and flush the folder."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -26,9 +60,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _finish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -47,7 +79,7 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) ->
     os.close(fd)
     try:
         writer(tmp)
-        os.replace(tmp, path)
+        _finish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -72,3 +104,50 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise OVDError(f"malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})", path=path) from e
     except UnicodeDecodeError as e:
         raise OVDError("not a text JSON file", path=path) from e
+
+
+# what a pickle of numpy arrays, numbers, strings and plain containers names, and nothing else
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "complex"),
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name} is not a numpy array, number, string or container")
+        return super().find_class(module, name)
+
+
+def load_plain_pickle(path: str | os.PathLike[str]) -> Any:
+    """Unpickle a file that may hold only numpy arrays, numbers, strings, lists, tuples, dicts and sets.
+
+    Any other global (a class, a function a ``__reduce__`` names) is refused before it is looked up,
+    so no code in the file runs.
+
+    Raises:
+        OVDError: naming the file: missing, truncated, or holding other objects.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _PlainUnpickler(f).load()
+    except FileNotFoundError as e:
+        raise OVDError("file not found", path=path) from e
+    except _RefusedGlobal as e:
+        raise OVDError(f"refused pickle: {e}", path=path) from e
+    except Exception as e:  # EOFError (truncated), ValueError, ...
+        raise OVDError(f"cannot read pickle, truncated or corrupt ({type(e).__name__}: {e})", path=path) from e
