@@ -291,6 +291,26 @@ class Config:
     num_threads: int = 0
 
 
+# Fields that cannot change a result: how often to log, save or evaluate along the way, how many loader
+# workers / CPU threads and which device run it (the same numbers up to float rounding), where caches go.
+# Every other field is result-changing: an output folder, a resume or a cache made with another value
+# is never reused (ovd.engine.fingerprint).
+RESULT_NEUTRAL = frozenset(
+    {
+        "log_period",
+        "num_threads",
+        "device",
+        "data.num_workers",
+        "solver.checkpoint_period",
+        "test.eval_period",
+        "clip.cache_dir",
+        "init_stage",  # the pipeline resolves it into init_weights, whose file is fingerprinted
+    }
+)
+# Result-changing fields that --resume may still change: training longer, and what the final model
+# is evaluated on (neither changes the iterations already in the checkpoint).
+RESUME_MAY_CHANGE = ("solver.max_iter", "data.test", "test.")
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------

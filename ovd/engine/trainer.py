@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_to_yaml, save_config
+from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_from_yaml, config_to_yaml, save_config
 from ovd.data.catalog import DatasetInfo, get_dataset
 from ovd.data.coco import category_image_counts, load_dataset
 from ovd.data.custom import register_custom_datasets
@@ -29,12 +29,14 @@ from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
 from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from ovd.engine.evaluate import evaluate
+from ovd.engine.fingerprint import listing, resume_differences, run_fingerprint, write_fingerprint
 from ovd.engine.schedule import lr_factor
 from ovd.engine.vocabulary import class_embeddings
 from ovd.errors import OVDError
 from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
 from ovd.structures import ImageRecord
+from ovd.utils.lock import output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -266,17 +268,48 @@ def checkpoint_state(model: nn.Module, cfg: Config, class_names: tuple[str, ...]
 def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` in ``output_dir``; with ``resume``, continue from its last checkpoint exactly.
 
+    The main process holds the folder's lock (:func:`ovd.utils.lock.output_lock`) while it trains.
+
     Returns the final evaluation metrics (empty if ``data.test`` is empty).
+
+    Raises:
+        OVDError: among others, another run writes into ``output_dir``, or ``resume`` finds a checkpoint
+            trained with other result-changing config fields.
     """
+    if int(os.environ.get("RANK", "0")) != 0:  # one lock per folder: rank 0 holds it for the job
+        return _train(cfg, output_dir, resume=resume)
+    with output_lock(output_dir):
+        return _train(cfg, output_dir, resume=resume)
+
+
+def check_resume(cfg: Config, state: dict[str, Any], ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with a config whose result-changing fields differ from its own."""
+    if "config" not in state:
+        return
+    differences = resume_differences(cfg, config_from_yaml(state["config"], str(ckpt)))
+    if differences:
+        raise OVDError(
+            f"--resume: the config differs from the checkpoint's in result-changing fields ({listing(differences)}); "
+            f"resume with the same config, or train into a new --output-dir",
+            path=ckpt,
+        )
+
+
+def _train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
     register_custom_datasets(cfg.data.custom)
     device = dist.local_device(cfg.device)
     dist.init_distributed(device)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     out = Path(output_dir)
+    ckpt = last_checkpoint(out) if resume else None
+    resumed = load_checkpoint(ckpt) if ckpt is not None else None
+    if resumed is not None:
+        check_resume(cfg, resumed, ckpt)  # before config.yaml is rewritten
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        write_fingerprint(out, run_fingerprint(cfg))
     torch.manual_seed(cfg.seed)
     world = dist.get_world_size()
     sources = _train_sources(cfg, world)
@@ -301,9 +334,8 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype is torch.float16)  # bfloat16 needs no scaling
 
     start_iter = 0
-    ckpt = last_checkpoint(out) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
+    if ckpt is not None and resumed is not None:
+        state = resumed
         load_model_state(model, state["model"], source=str(ckpt))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

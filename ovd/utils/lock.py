@@ -1,0 +1,105 @@
+"""One run per output folder: a lock file naming the run that holds it.
+
+``<folder>/.ovd.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds the pid, host, process
+start time and command of its run. A second run finds it and fails at once with an error naming that
+run. A lock whose run is gone (same host, and no live process with that pid and start time: the run was
+killed) is stale: it is taken over with a warning. A lock of another host cannot be checked; the error
+says to delete the file if that run is known to be over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ovd.errors import OVDError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".ovd.lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), counted after the command name
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    now = _process_start(pid)
+    return start is None or now is None or now == start  # another process reusing the pid is not the run
+
+
+def _describe(info: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("time", 0))))
+    return f"pid {info.get('pid')} on {info.get('host')}, started {started}: {info.get('command', '?')}"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # vanished, or being written by its run this instant
+    return info if isinstance(info, dict) else None
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the lock of ``folder`` (created if needed) for the duration of the block.
+
+    Raises:
+        OVDError: another live run holds it (naming that run), or a run on another host does.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "time": time.time(),
+        "command": " ".join(sys.argv)[:300],
+    }
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = _read(path)
+            if other is None:
+                time.sleep(0.05)  # its writer has not finished writing it
+                other = _read(path)
+            if other is None or (other.get("host") == me["host"] and not _alive(int(other["pid"]), other.get("start"))):
+                logger.warning("%s: taking over a stale lock (%s)", path, _describe(other or {}))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            where = "" if other.get("host") == me["host"] else " (another host: delete the file if that run is over)"
+            raise OVDError(f"another run is writing into this folder: {_describe(other)}{where}", path=path) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise OVDError("could not take the lock (other runs keep taking it)", path=path)
+    try:
+        yield path
+    finally:
+        if (_read(path) or {}).get("pid") == me["pid"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
