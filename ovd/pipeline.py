@@ -5,7 +5,8 @@ a recipe names the stage it starts from with ``init_stage``. Running a pipeline 
 finished stages (those with ``eval/metrics.json``) and resumes unfinished ones from their last
 checkpoint, but only when the fingerprint a stage recorded (its result-changing config and inputs)
 matches; otherwise it stops, listing what differs (``--rerun-changed`` trains such stages again).
-With ``parallel_stages: N`` up to N stages whose start points are done train at once, each in its own process (stages are seeded, so the numbers are those of a sequential run).
+With ``parallel_stages: N`` up to N stages whose start points are done train at once, each in its own
+process (stages are seeded, so the numbers are those of a sequential run).
 """
 
 from __future__ import annotations
