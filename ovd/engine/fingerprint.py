@@ -96,7 +96,7 @@ def _input_paths(cfg: Config) -> dict[str, str]:
     names = [s.dataset for s in cfg.data.sources] if cfg.data.sources else [cfg.data.train]
     for name in [*names, *([cfg.data.test] if cfg.data.test else [])]:
         try:
-            info = get_dataset(name, prepare=False)
+            info = get_dataset(name)  # made first if it is a built-in dataset not generated yet
         except OVDError:
             continue  # not registered yet: nothing to fingerprint
         if info.ann_file:
