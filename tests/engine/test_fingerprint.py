@@ -22,7 +22,7 @@ from ovd.utils.lock import LOCK_FILE, output_lock
 
 REPO = Path(__file__).parents[2]
 # two iterations of the OV-Shapes baseline at 64-96 px with a random-init tiny CLIP
-FAST = (
+FAST = (  # noqa: SIM905 (one string: reads as a command line)
     "clip.pretrained= data.train=ovshapes_small_train data.test=ovshapes_small_val data.num_workers=0 "
     "solver.ims_per_batch=2 solver.max_iter=2 solver.warmup_iters=1 solver.steps=[1] input.min_size_train=[96] "
     "input.min_size_train_sampling=choice input.min_size_test=64 model.rpn.post_nms_top_n_test=20"
