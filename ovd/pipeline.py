@@ -3,9 +3,8 @@
 A pipeline file (``configs/*/pipeline.yaml``) lists detector stages, each a recipe in ``configs/``;
 a recipe names the stage it starts from with ``init_stage``. Running a pipeline again skips
 finished stages (those with ``eval/metrics.json``) and resumes unfinished ones from their last
-checkpoint, but only when the fingerprint a stage recorded (its result-changing config and inputs)
-matches; otherwise it stops, listing what differs (``--rerun-changed`` trains such stages again).
-With ``parallel_stages: N`` up to N stages whose start points are done train at once, each in its own
+checkpoint, when their recorded fingerprints match (else an error; ``--rerun-changed``). With
+``parallel_stages: N`` up to N stages whose start points are done train at once, each in its own
 process (stages are seeded, so the numbers are those of a sequential run).
 """
 
@@ -15,7 +14,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from ovd.data.catalog import get_dataset
 from ovd.data.custom import register_custom_datasets
 from ovd.errors import OVDError
 from ovd.utils.io import write_json
+from ovd.utils.lock import holds_output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -323,42 +322,7 @@ def _wait_for_exits(running: dict[str, tuple[Any, float]]) -> list[tuple[str, An
     return ended
 
 
-def check_stage_reuse(names: list[str], configs: list[Config], out: Path, *, rerun_changed: bool = False) -> None:
-    """Reuse a stage folder (skip it when finished, resume it otherwise) only when the fingerprint it
-    recorded matches the stage's current one (:mod:`ovd.engine.fingerprint`).
-
-    Raises:
-        OVDError: a stage folder made with other result-changing fields or inputs, listing the differing
-            keys and the two ways out; with ``rerun_changed`` that stage and every later one are deleted
-            (to be trained again) instead.
-    """
-    from ovd.engine.fingerprint import fingerprint_diff, listing, read_fingerprint, run_fingerprint
-
-    for i, (name, cfg) in enumerate(zip(names, configs, strict=True)):
-        stage_dir = out / name
-        if not any((stage_dir / f).exists() for f in ("fingerprint.json", "config.yaml", "model_final.pth")):
-            continue  # nothing made yet
-        recorded = read_fingerprint(stage_dir)
-        differences = (
-            ["no fingerprint.json (made by an earlier version of ovd)"]
-            if recorded is None
-            else fingerprint_diff(recorded, run_fingerprint(cfg), ignore_absent=True)
-        )
-        if not differences:
-            continue
-        if not rerun_changed:
-            raise OVDError(
-                f"stage {name!r} was made with other settings or inputs ({listing(differences)}); use a new "
-                f"--output-dir, or --rerun-changed to train {name!r} and every stage after it again",
-                path=stage_dir,
-            )
-        for later in names[i:]:
-            if (out / later).exists():
-                logger.warning("--rerun-changed: deleting stage %s (%s) to train it again", later, out / later)
-                shutil.rmtree(out / later)
-        return
-
-
+@holds_output_lock
 def run_pipeline(
     pipeline_file: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
@@ -375,31 +339,15 @@ def run_pipeline(
     region proposer for stages that read regions or pseudo labels) are finished, up to
     ``parallel_stages`` at once; the shared region store and pseudo labels are made in this process
     before the first stage that reads them starts. With ``parallel_stages: 1`` every stage trains in
-    this process. The ``parallel_stages`` argument, when given, replaces the file's value.
-
-    A stage folder is reused only when its fingerprint matches (:func:`check_stage_reuse`;
-    ``rerun_changed``: train changed stages and those after them again). The output folder is locked
-    for the run (:func:`ovd.utils.lock.output_lock`).
+    this process. The ``parallel_stages`` argument, when given, replaces the file's value. The output
+    folder is locked; ``rerun_changed``: see :func:`ovd.engine.fingerprint.check_reuse`.
 
     Raises:
-        OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, a
-            stage folder made with other settings, another run in ``output_dir``, or a stage process
-            that failed (after the other running stages finish; a rerun resumes them).
+        OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, a stage
+            folder made with other settings, another run in ``output_dir``, or a stage process that
+            failed (after the other running stages finish; a rerun resumes them).
     """
-    from ovd.utils.lock import output_lock
-
-    with output_lock(output_dir):
-        return _run_pipeline(pipeline_file, output_dir, overrides, parallel_stages, rerun_changed)
-
-
-def _run_pipeline(
-    pipeline_file: str | os.PathLike[str],
-    output_dir: str | os.PathLike[str],
-    overrides: list[str] | None,
-    parallel_stages: int | None,
-    rerun_changed: bool,
-) -> dict[str, Any]:
-    from ovd.engine import trainer
+    from ovd.engine import fingerprint, trainer
 
     start = time.perf_counter()
     pipeline_file = Path(pipeline_file)
@@ -475,7 +423,7 @@ def _run_pipeline(
         return cfg.model.distill.enabled or _reads_pseudo_labels(pipe, cfg)
 
     names = [s.name for s in pipe.stages]
-    check_stage_reuse(names, configs, out, rerun_changed=rerun_changed)
+    fingerprint.check_reuse([out / n for n in names], configs, rerun_changed=rerun_changed)
     deps = {s.name: _dependencies(pipe, c, needs_regions(c)) for s, c in zip(pipe.stages, configs, strict=True)}
     times: dict[str, float | None] = {n: None for n in names}
     pending = [n for n in names if not is_finished(out / n)]

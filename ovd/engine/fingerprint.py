@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ovd.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, Config
+from ovd.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, Config, config_from_yaml
 from ovd.errors import OVDError
 from ovd.utils.io import read_json, write_json
 
@@ -160,3 +160,53 @@ def listing(differences: Iterable[str], limit: int = 8) -> str:
     diffs = list(differences)
     more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return "; ".join(diffs[:limit]) + more
+
+
+def check_resume(cfg: Config, state: Mapping[str, Any], ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with a config whose result-changing fields differ from its own."""
+    if "config" not in state:
+        return
+    differences = resume_differences(cfg, config_from_yaml(state["config"], str(ckpt)))
+    if differences:
+        raise OVDError(
+            f"--resume: the config differs from the checkpoint's in result-changing fields ({listing(differences)}); "
+            f"resume with the same config, or train into a new --output-dir",
+            path=ckpt,
+        )
+
+
+def check_reuse(folders: list[Path], configs: list[Config], *, rerun_changed: bool = False) -> None:
+    """Reuse a run's output folder (skip it when finished, resume it otherwise) only when the fingerprint it
+    recorded matches the current one of its config; ``folders`` in order (a pipeline's stages: each may
+    read the ones before it).
+
+    Raises:
+        OVDError: a folder made with other result-changing fields or inputs (or by an earlier version,
+            without a fingerprint), listing the differing keys and the two ways out; with
+            ``rerun_changed`` that folder and every later one are deleted (to be made again) instead.
+    """
+    import logging
+    import shutil
+
+    for i, (folder, cfg) in enumerate(zip(folders, configs, strict=True)):
+        if not any((folder / f).exists() for f in (FINGERPRINT_FILE, "config.yaml", "model_final.pth")):
+            continue  # nothing made yet
+        recorded = read_fingerprint(folder)
+        differences = (
+            [f"no {FINGERPRINT_FILE} (made by an earlier version of ovd)"]
+            if recorded is None
+            else fingerprint_diff(recorded, run_fingerprint(cfg), ignore_absent=True)
+        )
+        if not differences:
+            continue
+        if not rerun_changed:
+            raise OVDError(
+                f"stage {folder.name!r} was made with other settings or inputs ({listing(differences)}); use a new "
+                f"--output-dir, or --rerun-changed to train {folder.name!r} and every stage after it again",
+                path=folder,
+            )
+        for later in folders[i:]:
+            if later.exists():
+                logging.getLogger(__name__).warning("--rerun-changed: deleting %s to make it again", later)
+                shutil.rmtree(later)
+        return

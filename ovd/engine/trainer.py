@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_from_yaml, config_to_yaml, save_config
+from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_to_yaml, save_config
 from ovd.data.catalog import DatasetInfo, get_dataset
 from ovd.data.coco import category_image_counts, load_dataset
 from ovd.data.custom import register_custom_datasets
@@ -27,16 +27,17 @@ from ovd.data.loader import DetectionDataset, build_train_loader, collate_list, 
 from ovd.data.multi_source import MultiSourceBatchSampler, MultiSourceDataset
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
+from ovd.engine.bad_images import count_skipped, existing_images
 from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from ovd.engine.evaluate import evaluate
-from ovd.engine.fingerprint import listing, resume_differences, run_fingerprint, write_fingerprint
+from ovd.engine.fingerprint import check_resume, run_fingerprint, write_fingerprint
 from ovd.engine.schedule import lr_factor
 from ovd.engine.vocabulary import class_embeddings
 from ovd.errors import OVDError
 from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
 from ovd.structures import ImageRecord
-from ovd.utils.lock import output_lock
+from ovd.utils.lock import holds_output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def _train_sources(cfg: Config, world: int) -> list[TrainSource]:
         records = load_dataset(info)
         if not records:
             raise OVDError(f"training dataset {spec.dataset!r} has no images", field=f"{where}.dataset")
+        if cfg.data.check_images:
+            records = existing_images(cfg, spec.dataset, records, where)
         i_cfg = cfg.input
         augmentation = ResizeFlipAugmentation(
             tuple(spec.min_size or i_cfg.min_size_train),
@@ -148,6 +151,7 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
             regions=src.regions,
             num_regions=cfg.model.distill.num_regions,
             size_per_batch=cfg.input.size_per_batch,
+            skip_bad_images=cfg.data.bad_images == "skip",
         )
     from ovd.data.lvis import repeat_factors
 
@@ -168,7 +172,12 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
     )
     datasets = [
         DetectionDataset(
-            s.records, s.augmentation, seed=cfg.seed, regions=s.regions, num_regions=cfg.model.distill.num_regions
+            s.records,
+            s.augmentation,
+            seed=cfg.seed,
+            regions=s.regions,
+            num_regions=cfg.model.distill.num_regions,
+            skip_bad_images=cfg.data.bad_images == "skip",
         )
         for s in sources
     ]
@@ -265,37 +274,16 @@ def checkpoint_state(model: nn.Module, cfg: Config, class_names: tuple[str, ...]
     }
 
 
+@holds_output_lock
 def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` in ``output_dir``; with ``resume``, continue from its last checkpoint exactly.
-
-    The main process holds the folder's lock (:func:`ovd.utils.lock.output_lock`) while it trains.
 
     Returns the final evaluation metrics (empty if ``data.test`` is empty).
 
     Raises:
-        OVDError: among others, another run writes into ``output_dir``, or ``resume`` finds a checkpoint
-            trained with other result-changing config fields.
+        OVDError: among others, another run writes into ``output_dir`` (its lock is held while training),
+            or ``resume`` finds a checkpoint trained with other result-changing config fields.
     """
-    if int(os.environ.get("RANK", "0")) != 0:  # one lock per folder: rank 0 holds it for the job
-        return _train(cfg, output_dir, resume=resume)
-    with output_lock(output_dir):
-        return _train(cfg, output_dir, resume=resume)
-
-
-def check_resume(cfg: Config, state: dict[str, Any], ckpt: Path) -> None:
-    """Refuse to resume ``ckpt`` with a config whose result-changing fields differ from its own."""
-    if "config" not in state:
-        return
-    differences = resume_differences(cfg, config_from_yaml(state["config"], str(ckpt)))
-    if differences:
-        raise OVDError(
-            f"--resume: the config differs from the checkpoint's in result-changing fields ({listing(differences)}); "
-            f"resume with the same config, or train into a new --output-dir",
-            path=ckpt,
-        )
-
-
-def _train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
     register_custom_datasets(cfg.data.custom)
     device = dist.local_device(cfg.device)
     dist.init_distributed(device)
@@ -383,9 +371,11 @@ def _train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fa
     )
     model.train()
     data_iter = iter(loader)
+    skipped_images = 0  # unreadable images replaced in this run (data.bad_images=skip)
     for iteration in range(start_iter, solver.max_iter):
         t0 = time.perf_counter()
         batch = next(data_iter)
+        skipped_images += count_skipped(batch, skipped_images, cfg.data.max_bad_images)
         images = [b["image"] for b in batch]
         targets = [{k: b[k] for k in _TARGET_KEYS if k in b} for b in batch]
         supervision = sources[batch[0].get("source", 0)].cfg.supervision
@@ -418,6 +408,7 @@ def _train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fa
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/iter_time", time.perf_counter() - t0, step)
+                writer.add_scalar("train/skipped_images", skipped_images, step)
             bar.set_postfix(loss=f"{scalars['total_loss']:.3f}", lr=f"{lr:.2e}")
         bar.update(1)
         if step % solver.checkpoint_period == 0 or step == solver.max_iter:
@@ -436,6 +427,9 @@ def _train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fa
         _log_metrics(writer, metrics, solver.max_iter)
     if writer is not None:
         writer.close()
+    if skipped_images:
+        logger.warning("data.bad_images=skip: %d unreadable image reads were skipped", skipped_images)
+        metrics["skipped_images"] = skipped_images
     return metrics
 
 

@@ -10,21 +10,23 @@ says to delete the file if that run is known to be over.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ovd.errors import OVDError
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".ovd.lock"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _process_start(pid: int) -> str | None:
@@ -103,3 +105,17 @@ def output_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
         if (_read(path) or {}).get("pid") == me["pid"]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def holds_output_lock(func: F) -> F:
+    """Decorate ``func(first, output_dir, ...)`` to hold ``output_dir``'s lock while it runs (in the
+    main process of a job only: ``RANK`` 0 or unset)."""
+
+    @functools.wraps(func)
+    def wrapper(first: Any, output_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return func(first, output_dir, *args, **kwargs)
+        with output_lock(output_dir):
+            return func(first, output_dir, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
