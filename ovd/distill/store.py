@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -389,7 +390,7 @@ def read_part(path: Path, *, arrays: bool = True) -> tuple[dict[str, Any], dict[
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
             data = {name: z[name] for name in ARRAY_FILES} if arrays else {}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cut file is not a zip
         raise OVDError(f"unreadable part file ({type(e).__name__}: {e}); delete it to recompute", path=path) from e
     if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
         raise OVDError("not a region-store part file", path=path)

@@ -16,7 +16,6 @@ converted once with ``tools/upgrade_checkpoint.py``.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ovd.errors import OVDError
-from ovd.utils.io import atomic_open, atomic_write
+from ovd.utils.io import DiskFullError, atomic_open, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +61,11 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     if bad:
         raise OVDError(f"a checkpoint may hold only tensors, numbers, strings and containers: {bad[:3]}", path=path)
     try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        with atomic_open(path, "wb") as f:  # a file object: a full disk is an OSError, not torch's RuntimeError
+            torch.save(state, f)
         with atomic_open(path.parent / LAST_CHECKPOINT) as f:
             f.write(path.name)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+    except DiskFullError as e:
         previous = last_checkpoint(path.parent)
         raise OVDError(
             f"disk full while writing the checkpoint; nothing was replaced (last complete checkpoint: "

@@ -10,6 +10,7 @@ umask), not :func:`tempfile.mkstemp`'s ``0o600``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -19,6 +20,22 @@ from pathlib import Path
 from typing import IO, Any
 
 from ovd.errors import OVDError
+
+
+class DiskFullError(OVDError):
+    """The disk (or quota) filled up while a file was written; the file it would replace is untouched."""
+
+
+def _disk_full(e: BaseException | None, path: Path) -> DiskFullError | None:
+    """A :class:`DiskFullError` when ``e`` (or an error it was raised from or during: torch reports a full
+    disk as a ``RuntimeError`` raised while handling the ``OSError``) is ``ENOSPC``/``EDQUOT``."""
+    for _ in range(5):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError("disk full while writing it; nothing was replaced (free space and rerun)", path=path)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _umask() -> int:
@@ -53,7 +70,11 @@ def _finish(tmp: str, path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically."""
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    Raises:
+        DiskFullError: the disk filled up (``ENOSPC``/``EDQUOT``); the previous ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,17 +82,24 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         with os.fdopen(fd, mode) as f:
             yield f
         _finish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = _disk_full(e, path)
+        if full is not None:
+            raise full from e
         raise
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) -> None:
     """Call ``writer(tmp_path)`` to produce a file, then move it onto ``path`` atomically.
 
-    For libraries that want a path rather than a file object (``np.save``, ``cv2.imwrite``,
-    ``torch.save``).
+    For libraries that want a path rather than a file object (``np.save``, ``cv2.imwrite``). Not for
+    ``torch.save``, whose path writer reports a full disk as an unrelated ``RuntimeError``: give it the
+    file of :func:`atomic_open` (``"wb"``).
+
+    Raises:
+        DiskFullError: the disk filled up (``ENOSPC``/``EDQUOT``); the previous ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +108,12 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) ->
     try:
         writer(tmp)
         _finish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = _disk_full(e, path)
+        if full is not None:
+            raise full from e
         raise
 
 

@@ -2,7 +2,6 @@
 
 import errno
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +37,7 @@ def test_checkpoint_pointer_and_errors(tmp_path, monkeypatch):
 
     # a failed save (the disk fills up mid-write) is one error; the previous checkpoint and pointer are kept
     def full_disk(state, f):
-        Path(f).write_bytes(b"PK\x03\x04 partial")
+        f.write(b"PK\x03\x04 partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
