@@ -74,6 +74,15 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
         ) from e
 
 
+def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> int:
+    """Delete the temporary files of checkpoint writes that a killed run left (``.model_*.tmp``; never
+    read); call it only while holding the folder's lock. Returns how many were removed."""
+    partial = list(Path(output_dir).glob(".model_*.pth.*.tmp"))
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return len(partial)
+
+
 def is_intact(path: Path) -> bool:
     """Whether ``path`` is a complete ``torch.save`` archive (a truncated one lacks the zip's directory)."""
     try:

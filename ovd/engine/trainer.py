@@ -28,7 +28,13 @@ from ovd.data.multi_source import MultiSourceBatchSampler, MultiSourceDataset
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
 from ovd.engine.bad_images import count_skipped, existing_images
-from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from ovd.engine.checkpoint import (
+    last_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from ovd.engine.evaluate import evaluate
 from ovd.engine.fingerprint import check_resume, run_fingerprint, write_fingerprint
 from ovd.engine.schedule import lr_factor
@@ -298,6 +304,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         write_fingerprint(out, run_fingerprint(cfg))
+        remove_partial_checkpoints(out)  # a killed run's unfinished writes (this run holds the folder's lock)
     torch.manual_seed(cfg.seed)
     world = dist.get_world_size()
     sources = _train_sources(cfg, world)

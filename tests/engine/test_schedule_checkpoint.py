@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from ovd.engine.checkpoint import (
+    last_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from ovd.engine.schedule import lr_factor
 from ovd.errors import OVDError
 
@@ -81,3 +87,6 @@ def test_truncated_checkpoints_and_a_bad_pointer(tmp_path, caplog):
     assert load_checkpoint(last_checkpoint(tmp_path))["iteration"] == 2
     (tmp_path / "model_0000002.pth").write_bytes(b"")
     assert last_checkpoint(tmp_path) is None  # nothing intact: start from scratch
+    (tmp_path / ".model_0000006.pth.x1y2.tmp").write_bytes(b"PK")  # a killed write's temporary file
+    (tmp_path / ".other.tmp").write_bytes(b"")
+    assert remove_partial_checkpoints(tmp_path) == 1 and (tmp_path / ".other.tmp").exists()
