@@ -35,6 +35,7 @@ from ovd.utils.io import read_json, write_json
 FINGERPRINT_FILE = "fingerprint.json"
 ABSENT = "absent"  # the identity of an input file that does not exist (now)
 _HASH_CHUNK = 1 << 20
+_HASHES: dict[tuple[str, int, int], str] = {}  # this process's hashes, by (path, size, mtime)
 
 
 def package_version() -> str:
@@ -64,11 +65,15 @@ def file_identity(path: str | os.PathLike[str]) -> str:
         p = p / "meta.json"
     if not p.is_file():
         return ABSENT
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)  # a file rewritten in place gets a new mtime
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        _HASHES[key] = f"sha256:{h.hexdigest()}"
+    return _HASHES[key]
 
 
 def config_fields(cfg: Config) -> dict[str, Any]:
