@@ -43,6 +43,7 @@ import numpy as np
 from ovd.data.loader import shard_range
 from ovd.errors import OVDError
 from ovd.utils.io import atomic_write, read_json, write_json
+from ovd.utils.lock import create_pid_lock
 
 logger = logging.getLogger(__name__)
 
@@ -435,14 +436,13 @@ def expected_parts(store: str | os.PathLike[str], num_images: int, num_shards: i
 def _merge_lock(out: Path):
     lock = out / LOCK_FILE
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = create_pid_lock(lock)  # a lock left by a killed merge is replaced
     except FileExistsError as e:
         raise MergeInProgressError(
             f"another process is merging this store (or a merge crashed: delete {LOCK_FILE} if none runs)",
             path=out,
         ) from e
     try:
-        os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         yield
     finally:

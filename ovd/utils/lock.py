@@ -49,6 +49,32 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start  # another process reusing the pid is not the run
 
 
+def create_pid_lock(path: Path) -> int:
+    """Create ``path`` exclusively holding ``"<pid> <host>"`` and return its open descriptor; a lock of
+    that form left by a process of this host that is gone (killed) is replaced, with a warning.
+
+    Raises:
+        FileExistsError: a live (or unknown) process holds it.
+    """
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid, host = path.read_text().split()[:2]
+                stale = host == socket.gethostname() and not _alive(int(pid), None)
+            except (OSError, ValueError):
+                stale = False  # vanished, being written, or another format: not known to be stale
+            if attempt or not stale:
+                raise
+            logger.warning("%s: removing the lock of process %s, which is gone", path, pid)
+            path.unlink(missing_ok=True)
+            continue
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
+        return fd
+    raise FileExistsError(path)
+
+
 def _describe(info: dict[str, Any]) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("time", 0))))
     return f"pid {info.get('pid')} on {info.get('host')}, started {started}: {info.get('command', '?')}"

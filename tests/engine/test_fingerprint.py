@@ -18,7 +18,7 @@ from ovd.engine.fingerprint import ABSENT, fingerprint_diff, read_fingerprint, r
 from ovd.engine.trainer import train
 from ovd.errors import OVDError
 from ovd.pipeline import run_pipeline
-from ovd.utils.lock import LOCK_FILE, output_lock
+from ovd.utils.lock import LOCK_FILE, create_pid_lock, output_lock
 
 REPO = Path(__file__).parents[2]
 # two iterations of the OV-Shapes baseline at 64-96 px with a random-init tiny CLIP
@@ -118,4 +118,10 @@ def test_one_run_per_output_folder(tmp_path, caplog):
         with pytest.raises(OVDError, match=f"pid {os.getpid()}"), output_lock(tmp_path):  # a 2nd run here
             pass
     assert "taking over a stale lock" in caplog.text
+    merge = tmp_path / "merge.lock"  # the region store's merge lock: "<pid> <host>"
+    merge.write_text(f"{int(dead.stdout)} {socket.gethostname()}")  # a merge killed mid-way
+    os.close(create_pid_lock(merge))
+    assert merge.read_text() == f"{os.getpid()} {socket.gethostname()}"
+    with pytest.raises(FileExistsError):  # held by a live process (this one)
+        create_pid_lock(merge)
     assert not (tmp_path / LOCK_FILE).exists()  # released
