@@ -203,7 +203,10 @@ def inject(target: str, make_cmd: Any, work: Path, kills: int, rng: random.Rando
             stats["runs"] += 1
             _run(make_cmd(out), work / f"{target}.log")
         stats["leftover_tmp"] += sum(1 for p in out.rglob(".*") if p.is_file() and p.name != ".ovd.lock")
-        stats["identical"] += _result(target, out) == reference
+        try:
+            stats["identical"] += _result(target, out) == reference
+        except (OSError, KeyError, ValueError) as e:  # a run that exited 0 without its result
+            print(f"{target} chain {stats['chains']}: no result ({e})", flush=True)
         print(json.dumps(stats), flush=True)
     return stats
 
