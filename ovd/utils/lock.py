@@ -113,7 +113,11 @@ def output_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
             if other is None:
                 time.sleep(0.05)  # its writer has not finished writing it
                 other = _read(path)
-            if other is None or (other.get("host") == me["host"] and not _alive(int(other["pid"]), other.get("start"))):
+            if (
+                other is None
+                or not isinstance(other.get("pid"), int)
+                or (other.get("host") == me["host"] and not _alive(other["pid"], other.get("start")))
+            ):
                 logger.warning("%s: taking over a stale lock (%s)", path, _describe(other or {}))
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
