@@ -114,6 +114,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--parallel-stages", type=int, help="stages of one seed trained at once (default: the file's)")
     p.add_argument("--output", type=Path, help="markdown file to write")
+    p.add_argument("--note", default="", help="a remark printed after the command (how the folders were made)")
     p.add_argument("--rerun-changed", action="store_true", help="retrain stages whose config or inputs changed")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every stage of every seed")
     args = p.parse_args()
@@ -130,10 +131,7 @@ def main() -> int:
         [
             "## OV-Shapes ablation over seeds",
             "",
-            f"Command: `python benchmarks/ovshapes_ablation.py --seeds {' '.join(map(str, args.seeds))} "
-            f"--parallel {args.parallel} --threads {args.threads} --root {args.root}"
-            + "".join(f" {o}" for o in args.overrides)
-            + "`",
+            f"Command: `python {' '.join(sys.argv)}`" + (f" ({args.note})" if args.note else ""),  # exactly as run
             "",
             f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}; "
             f"{args.parallel} seed(s) at a time, {args.threads} torch thread(s) each; load average at the end "
