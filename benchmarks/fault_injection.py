@@ -3,7 +3,8 @@ points, rerun the same command each time, and check that the final result is ide
 run's (issue #18, deliverable 3).
 
 For each target: one uninterrupted reference run; then chains in fresh folders: start the command, SIGKILL
-its process group after a random delay (uniform over the reference's wall time), start it again, ... until
+its process group after a random delay (uniform over the shortest whole run seen: the reference's, or a
+chain's first run that finished before its kill), start it again, ... until
 the target's kill count is reached, then let the last run finish. Compared with the reference: the final
 model weights (every tensor), the region store's arrays and meta.json, the pseudo-label JSON, each
 stage's eval/metrics.json (timing and creation-date fields left out). A rerun that exits non-zero (e.g.
@@ -167,8 +168,9 @@ def _run(cmd: list[str], log: Path | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def _killed_run(cmd: list[str], delay: float, log: Path) -> bool:
-    """Start ``cmd``, SIGKILL its process group after ``delay`` s; False when it finished first."""
+def _killed_run(cmd: list[str], delay: float, log: Path) -> float | None:
+    """Start ``cmd``, SIGKILL its process group after ``delay`` s; None if killed, else its wall time."""
+    t0 = time.perf_counter()
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -176,10 +178,10 @@ def _killed_run(cmd: list[str], delay: float, log: Path) -> bool:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True
+            return None
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}) after a kill; see {log}")
-    return False
+    return time.perf_counter() - t0
 
 
 def inject(target: str, make_cmd: Any, work: Path, kills: int, rng: random.Random) -> dict[str, Any]:
@@ -195,9 +197,12 @@ def inject(target: str, make_cmd: Any, work: Path, kills: int, rng: random.Rando
         if target == "pseudo":
             out.mkdir(parents=True)
         stats["chains"] += 1
-        for _ in range(5):  # up to 5 kills per chain, then the run that finishes
+        for i in range(5):  # up to 5 kills per chain, then the run that finishes
             stats["runs"] += 1
-            if not _killed_run(make_cmd(out), rng.uniform(0.5, wall), work / f"{target}.log"):
+            finished = _killed_run(make_cmd(out), rng.uniform(0.5, wall), work / f"{target}.log")
+            if finished is not None:
+                if i == 0:  # a whole run from scratch: the machine's current speed (load varies)
+                    wall = min(wall, finished)
                 break
             stats["kills"] += 1
             stats["kills_after_output"] += _written(out)
