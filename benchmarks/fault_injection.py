@@ -234,7 +234,7 @@ def main() -> None:
     rows = [inject(t, commands[t], args.work, args.kills, rng) for t in args.targets]
     lines = [
         f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; one torch thread per process. Command: "
-        f"`python benchmarks/fault_injection.py --kills {args.kills} --seed {args.seed}`.",
+        f"`python {' '.join(sys.argv)}`.",
         "",
         "| target | reference run (s) | SIGKILLs | of them after output was written | runs | chains "
         "| final results identical | temporary files left |",
