@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ovd.errors import OVDError
-from ovd.utils.io import DiskFullError, atomic_open, atomic_write
+from ovd.utils.io import DiskFullError, atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -227,5 +227,6 @@ def upgrade_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str])
         plain = to_plain(state)
     except OVDError as e:
         raise OVDError(e.reason, path=src) from e
-    atomic_write(Path(dst), lambda tmp: torch.save(plain, tmp))
+    with atomic_open(Path(dst), "wb") as f:
+        torch.save(plain, f)
     return changed
