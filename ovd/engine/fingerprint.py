@@ -194,8 +194,8 @@ def check_reuse(folders: list[Path], configs: list[Config], *, rerun_changed: bo
     import shutil
 
     for i, (folder, cfg) in enumerate(zip(folders, configs, strict=True)):
-        if not any((folder / f).exists() for f in (FINGERPRINT_FILE, "config.yaml", "model_final.pth")):
-            continue  # nothing made yet
+        if not ((folder / FINGERPRINT_FILE).exists() or any(folder.glob("model_*.pth"))):
+            continue  # nothing that could be reused (a run killed before its first write leaves config.yaml only)
         recorded = read_fingerprint(folder)
         differences = (
             [f"no {FINGERPRINT_FILE} (made by an earlier version of ovd)"]

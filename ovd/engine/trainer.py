@@ -302,8 +302,8 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         check_resume(cfg, resumed, ckpt)  # before config.yaml is rewritten
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+        write_fingerprint(out, run_fingerprint(cfg))  # first: a folder with a config.yaml has its fingerprint
         save_config(cfg, out / "config.yaml")
-        write_fingerprint(out, run_fingerprint(cfg))
         remove_partial_checkpoints(out)  # a killed run's unfinished writes (this run holds the folder's lock)
     torch.manual_seed(cfg.seed)
     world = dist.get_world_size()

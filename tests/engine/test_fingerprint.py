@@ -14,7 +14,7 @@ import yaml
 
 from ovd.config import load_config
 from ovd.engine.checkpoint import load_checkpoint
-from ovd.engine.fingerprint import ABSENT, fingerprint_diff, read_fingerprint, run_fingerprint
+from ovd.engine.fingerprint import ABSENT, check_reuse, fingerprint_diff, read_fingerprint, run_fingerprint
 from ovd.engine.trainer import train
 from ovd.errors import OVDError
 from ovd.pipeline import run_pipeline
@@ -48,6 +48,13 @@ def test_fingerprint_keys_and_diff(tmp_path):
     ]
     assert fingerprint_diff(a, b) == expected
     assert fingerprint_diff(a, {**a, "inputs.x": ABSENT}, ignore_absent=True) == []
+    killed = tmp_path / "stage"  # a run killed before its first checkpoint: nothing to reuse, nothing refused
+    killed.mkdir()
+    (killed / "config.yaml").write_text("seed: 5\n")
+    check_reuse([killed], [_cfg()])
+    (killed / "model_0000002.pth").write_bytes(b"")  # but a checkpoint without a fingerprint is refused
+    with pytest.raises(OVDError, match="no fingerprint.json"):
+        check_reuse([killed], [_cfg()])
 
 
 def test_resume_refuses_result_changing_fields(tmp_path):
