@@ -4,7 +4,9 @@ tabulates novel / base / all AP50 per stage as mean ± std (issues #3, #4, #5).
 
 Each seed is a separate ``tools/run_pipeline.py`` process (``seed=N`` applies to every stage: model
 init, data order, augmentation); the dataset and the CLIP teacher are shared (the teacher stands for
-web-pretrained CLIP, trained once). Runs resume: a finished seed's stages are skipped.
+web-pretrained CLIP, trained once). Runs resume: a finished seed's stages are skipped, but only when
+their recorded fingerprints match the requested config (otherwise the pipeline stops, listing what
+differs: use another --root, or pass --rerun-changed through to retrain the changed stages).
 
 Example:
     python benchmarks/ovshapes_ablation.py --seeds 0 1 2 --parallel 3 --root output/ablation \
@@ -39,6 +41,7 @@ def run_seeds(
     threads: int,
     overrides: list[str],
     stages: int | None = None,
+    rerun_changed: bool = False,
 ) -> dict[int, float]:
     """Run the pipeline of every seed (``parallel`` at a time, each with ``stages`` stage processes at
     once; None: the pipeline file's ``parallel_stages``), ``overrides`` applied to every stage; returns
@@ -52,7 +55,7 @@ def run_seeds(
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(REPO / "tools/run_pipeline.py"), "--config-file", config,
                    "--output-dir", str(out), *([] if stages is None else ["--parallel-stages", str(stages)]),
-                   f"seed={seed}", *overrides]  # fmt: skip
+                   *(["--rerun-changed"] if rerun_changed else []), f"seed={seed}", *overrides]  # fmt: skip
             log = open(out / "pipeline.log", "w")  # noqa: SIM115 (closed when the process ends)
             running[seed] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log,
                              time.perf_counter())  # fmt: skip
@@ -111,12 +114,15 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--parallel-stages", type=int, help="stages of one seed trained at once (default: the file's)")
     p.add_argument("--output", type=Path, help="markdown file to write")
+    p.add_argument("--note", default="", help="a remark printed after the command (how the folders were made)")
+    p.add_argument("--rerun-changed", action="store_true", help="retrain stages whose config or inputs changed")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every stage of every seed")
     args = p.parse_args()
     start = time.perf_counter()
     walls = run_seeds(
-        args.seeds, args.root, args.config, args.parallel, args.threads, args.overrides, args.parallel_stages
-    )
+        args.seeds, args.root, args.config, args.parallel, args.threads, args.overrides, args.parallel_stages,
+        args.rerun_changed,
+    )  # fmt: skip
     text, raw = table(args.root, args.seeds)
     from ovd.clip.teacher import teacher_path  # $OVD_DATASETS (default ./datasets), as the pipelines use
 
@@ -125,10 +131,7 @@ def main() -> int:
         [
             "## OV-Shapes ablation over seeds",
             "",
-            f"Command: `python benchmarks/ovshapes_ablation.py --seeds {' '.join(map(str, args.seeds))} "
-            f"--parallel {args.parallel} --threads {args.threads} --root {args.root}"
-            + "".join(f" {o}" for o in args.overrides)
-            + "`",
+            f"Command: `python {' '.join(sys.argv)}`" + (f" ({args.note})" if args.note else ""),  # exactly as run
             "",
             f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}; "
             f"{args.parallel} seed(s) at a time, {args.threads} torch thread(s) each; load average at the end "

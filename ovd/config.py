@@ -233,6 +233,12 @@ class DataCfg:
     train: str = "coco_ovd_train"  # catalog name of the box-annotated training set
     test: str = "coco_ovd_val"  # catalog name of the evaluation set
     num_workers: int = 2  # DataLoader worker processes per rank
+    check_images: bool = True  # before iteration 0, check that every training image file exists
+    # An image that is missing or cannot be decoded during training: error (stop, naming it) | skip (train
+    # on the next image instead, logged and counted as train/skipped_images; missing files found by
+    # check_images are dropped up front, counted too). More than max_bad_images skips is an error.
+    bad_images: str = "error"
+    max_bad_images: int = 100
     # Region store of data.train (boxes + CLIP embeddings, tools/extract_region_embeddings.py),
     # read when model.distill.enabled.
     region_store: str = ""
@@ -290,6 +296,29 @@ class Config:
     # robust: 2 threads on a loaded 2-core machine ran 10x slower than 1 (OV-Shapes recipe).
     num_threads: int = 0
 
+
+BAD_IMAGE_POLICIES = ("error", "skip")  # data.bad_images
+
+# Fields that cannot change a result: how often to log, save or evaluate along the way, how many loader
+# workers / CPU threads and which device run it (the same numbers up to float rounding), where caches go.
+# Every other field is result-changing: an output folder, a resume or a cache made with another value
+# is never reused (ovd.engine.fingerprint).
+RESULT_NEUTRAL = frozenset(
+    {
+        "log_period",
+        "num_threads",
+        "device",
+        "data.num_workers",
+        "data.check_images",
+        "solver.checkpoint_period",
+        "test.eval_period",
+        "clip.cache_dir",
+        "init_stage",  # the pipeline resolves it into init_weights, whose file is fingerprinted
+    }
+)
+# Result-changing fields that --resume may still change: training longer, and what the final model
+# is evaluated on (neither changes the iterations already in the checkpoint).
+RESUME_MAY_CHANGE = ("solver.max_iter", "data.test", "test.")
 
 # ----------------------------------------------------------------------------------------------
 # Loading

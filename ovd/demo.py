@@ -74,9 +74,16 @@ def parse_vocabulary(value: str) -> list[str] | str:
         f"the vocabulary {value!r} is empty: give a dataset name or comma-separated class names", field="vocabulary"
     )
     if "," in value:
-        names = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+        given = [name.strip() for name in value.split(",") if name.strip()]
+        names: list[str] = []  # the first spelling of each name (CLIP's tokenizer ignores case)
+        for name in given:
+            if name.lower() not in {n.lower() for n in names}:
+                names.append(name)
         if not names:
             raise empty
+        if len(names) < len(given):
+            repeated = sorted({n.lower() for n in given if sum(m.lower() == n.lower() for m in given) > 1})
+            logger.warning("vocabulary: %s given more than once, merged into one class each", ", ".join(repeated))
         return names
     name = value.strip()
     if not name:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ovd.errors import OVDError
 from ovd.modeling.detector import OpenVocabDetector
 from ovd.predictor import Prediction, Predictor, rgb_image
+from ovd.utils.io import atomic_write
 
 OUTPUTS = ("boxes", "scores", "labels")
 MASK_OUTPUT = "masks"
@@ -135,14 +136,14 @@ def export_onnx(
     names = [*OUTPUTS, MASK_OUTPUT] if wrapper.with_masks else list(OUTPUTS)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     with _export_friendly_nms(), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, dynamic_shapes=(dims,), input_names=["image"], output_names=names
         )
-    try:
-        program.save(str(tmp))
-        proto = onnx.load(str(tmp))
+
+    def write(tmp: str) -> None:  # a unique temporary sibling: two exports to one folder never collide
+        program.save(tmp)
+        proto = onnx.load(tmp)
         meta = {
             "class_names": json.dumps(list(class_names)),
             "min_size_test": str(min_size_test),
@@ -153,10 +154,9 @@ def export_onnx(
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = META_PREFIX + key, value
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        onnx.save(proto, tmp)
+
+    atomic_write(out, write)
     return out
 
 
@@ -180,6 +180,39 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return meta
 
 
+def _checked_metadata(meta: dict[str, str], path: str | os.PathLike[str]) -> tuple[list[str], list[str], int, int]:
+    """``(class_names, outputs, min_size_test, max_size_test)`` of the metadata, each checked.
+
+    Raises:
+        OVDError: naming the file and the ``ovd.*`` key whose value is malformed.
+    """
+
+    def bad(key: str, expected: str) -> OVDError:
+        return OVDError(f"malformed metadata: expected {expected}, got {meta[key][:80]!r}", path=path,
+                        field=META_PREFIX + key)  # fmt: skip
+
+    values: dict[str, Any] = {}
+    for key in ("class_names", "outputs"):
+        try:
+            values[key] = json.loads(meta[key])
+        except json.JSONDecodeError as e:
+            raise bad(key, "a JSON list of strings") from e
+        if not isinstance(values[key], list) or not all(isinstance(v, str) for v in values[key]):
+            raise bad(key, "a JSON list of strings")
+    if not values["class_names"]:
+        raise bad("class_names", "at least one class name")
+    if not set(OUTPUTS) <= set(values["outputs"]):
+        raise bad("outputs", f"a list holding {', '.join(OUTPUTS)}")
+    for key in ("min_size_test", "max_size_test"):
+        try:
+            values[key] = int(meta[key])
+        except ValueError as e:
+            raise bad(key, "a positive integer") from e
+        if values[key] <= 0:
+            raise bad(key, "a positive integer")
+    return values["class_names"], values["outputs"], values["min_size_test"], values["max_size_test"]
+
+
 class OnnxDetector:
     """Runs an exported detector with onnxruntime, as :class:`ovd.Predictor` runs a checkpoint: the
     image is resized to the test scale, detected, and the boxes come back in its own pixels.
@@ -197,13 +230,10 @@ class OnnxDetector:
         from ovd.data.transforms import ResizeFlipAugmentation
 
         ort = _require("onnxruntime")
-        meta = read_metadata(path)
-        self.class_names: list[str] = json.loads(meta["class_names"])
-        self.outputs: list[str] = json.loads(meta["outputs"])
+        self.path = Path(path)
+        self.class_names, self.outputs, min_size, max_size = _checked_metadata(read_metadata(path), path)
         self.confidence = confidence
-        self.augmentation = ResizeFlipAugmentation(
-            (int(meta["min_size_test"]),), int(meta["max_size_test"]), flip_prob=0.0
-        )
+        self.augmentation = ResizeFlipAugmentation((min_size,), max_size, flip_prob=0.0)
         self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
 
     def __call__(self, image: np.ndarray | str | os.PathLike[str]) -> Prediction:
@@ -215,6 +245,12 @@ class OnnxDetector:
         keep = result["scores"] >= self.confidence
         boxes = params.inverse_boxes(result["boxes"][keep]).astype(np.float32)
         labels = result["labels"][keep].astype(np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise OVDError(
+                f"the model returned label {int(labels.min() if labels.min() < 0 else labels.max())} for a vocabulary "
+                f"of {len(self.class_names)} classes (metadata and graph disagree)",
+                path=self.path,
+            )
         names = [self.class_names[i] for i in labels]
         return Prediction(boxes, result["scores"][keep].astype(np.float32), labels, names)
 

@@ -3,8 +3,9 @@
 A pipeline file (``configs/*/pipeline.yaml``) lists detector stages, each a recipe in ``configs/``;
 a recipe names the stage it starts from with ``init_stage``. Running a pipeline again skips
 finished stages (those with ``eval/metrics.json``) and resumes unfinished ones from their last
-checkpoint. With ``parallel_stages: N`` up to N stages whose start points are done train at once,
-each in its own process (stages are seeded, so the numbers are those of a sequential run).
+checkpoint, when their recorded fingerprints match (else an error; ``--rerun-changed``). With
+``parallel_stages: N`` up to N stages whose start points are done train at once, each in its own
+process (stages are seeded, so the numbers are those of a sequential run).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ovd.data.catalog import get_dataset
 from ovd.data.custom import register_custom_datasets
 from ovd.errors import OVDError
 from ovd.utils.io import write_json
+from ovd.utils.lock import holds_output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -320,12 +322,14 @@ def _wait_for_exits(running: dict[str, tuple[Any, float]]) -> list[tuple[str, An
     return ended
 
 
+@holds_output_lock
 def run_pipeline(
     pipeline_file: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
     overrides: list[str] | None = None,
     *,
     parallel_stages: int | None = None,
+    rerun_changed: bool = False,
 ) -> dict[str, Any]:
     """Run every stage of a pipeline file; returns ``{"stages": [rows], "prepare_time_s": {step: s},
     "demo": path, "wall_time_s": t}`` (rows: :func:`stage_row`, in the file's order; ``prepare_time_s``:
@@ -335,13 +339,15 @@ def run_pipeline(
     region proposer for stages that read regions or pseudo labels) are finished, up to
     ``parallel_stages`` at once; the shared region store and pseudo labels are made in this process
     before the first stage that reads them starts. With ``parallel_stages: 1`` every stage trains in
-    this process. The ``parallel_stages`` argument, when given, replaces the file's value.
+    this process. The ``parallel_stages`` argument, when given, replaces the file's value. The output
+    folder is locked; ``rerun_changed``: see :func:`ovd.engine.fingerprint.check_reuse`.
 
     Raises:
-        OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, or a
-            stage process that failed (after the other running stages finish; a rerun resumes them).
+        OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, a stage
+            folder made with other settings, another run in ``output_dir``, or a stage process that
+            failed (after the other running stages finish; a rerun resumes them).
     """
-    from ovd.engine import trainer
+    from ovd.engine import fingerprint, trainer
 
     start = time.perf_counter()
     pipeline_file = Path(pipeline_file)
@@ -417,6 +423,7 @@ def run_pipeline(
         return cfg.model.distill.enabled or _reads_pseudo_labels(pipe, cfg)
 
     names = [s.name for s in pipe.stages]
+    fingerprint.check_reuse([out / n for n in names], configs, rerun_changed=rerun_changed)
     deps = {s.name: _dependencies(pipe, c, needs_regions(c)) for s, c in zip(pipe.stages, configs, strict=True)}
     times: dict[str, float | None] = {n: None for n in names}
     pending = [n for n in names if not is_finished(out / n)]

@@ -117,6 +117,10 @@ class Predictor:
         names = [n.strip() for n in names]
         if not names:
             raise OVDError("the vocabulary is empty", field="vocabulary")
+        seen: dict[str, str] = {}
+        for name in names:  # one name twice would split one class into two score columns
+            if seen.setdefault(name.lower(), name) is not name:
+                raise OVDError(f"{name!r} is in the vocabulary twice (as {seen[name.lower()]!r})", field="vocabulary")
         if self._text_encoder is None:
             self._text_encoder = create_clip(self.clip_cfg.model, self.clip_cfg.pretrained or None)
         emb = build_text_embeddings(self._text_encoder, names, list(self.clip_cfg.templates))

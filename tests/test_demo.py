@@ -132,6 +132,7 @@ def test_custom_vocabulary(checkpoint, images, tmp_path):
 
 def test_parse_vocabulary():
     assert parse_vocabulary(" star, moon ,,star,") == ["star", "moon"]
+    assert parse_vocabulary("circle, square, Circle") == ["circle", "square"]  # merged, with a warning
     assert parse_vocabulary("ovshapes_small_val") == "ovshapes_small_val"
     assert parse_vocabulary("lightning bolt") == ["lightning bolt"]
     assert parse_vocabulary("traffic_light") == ["traffic_light"]
@@ -199,6 +200,8 @@ def test_bad_inputs(predictor, images, tmp_path):
         run_demo(predictor, images[0], images[0].parent)
     with pytest.raises(OVDError, match="unknown dataset 'no_such_dataset'"):
         predictor.set_vocabulary("no_such_dataset")
+    with pytest.raises(OVDError, match="vocabulary: 'Circle' is in the vocabulary twice \\(as 'circle'\\)"):
+        predictor.set_vocabulary(["circle", "square", "Circle"])  # would split one class into two columns
     assert not (tmp_path / "out/detections.json").exists()
 
 
@@ -300,3 +303,16 @@ def test_camera_and_max_frames_errors(predictor, images, tmp_path):
         run_demo(predictor, "webcam:57", tmp_path, progress=False)  # no such device here
     with pytest.raises(OVDError, match="must be >= 1"):
         run_demo(predictor, images[0], tmp_path, progress=False, max_frames=0)
+
+
+def test_an_error_under_a_progress_bar_starts_on_a_new_line(capsys):
+    from tqdm import tqdm
+
+    def main(argv):
+        bar = tqdm(total=10, desc="work")  # still drawn when the error comes
+        bar.update(3)
+        raise OVDError("broken", path="some/file.json")
+
+    assert run_cli(main, []) == 2
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-2] == "error: some/file.json: broken" and "work" in lines[-3]

@@ -3,6 +3,7 @@ included), an empty result when nothing passes the threshold, its metadata, the 
 clear errors."""
 
 import json
+import os
 import shutil
 from importlib import util
 from pathlib import Path
@@ -135,6 +136,69 @@ def test_errors(exported, tmp_path):
         OnnxDetector(tmp_path / "plain.onnx")
     with pytest.raises(OVDError, match="expected an RGB uint8"):
         OnnxDetector(path)(np.zeros((10, 10), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("class_names", "not json", "ovd.class_names: malformed metadata: expected a JSON list of strings"),
+        ("class_names", '["a", 3]', "ovd.class_names: malformed metadata: expected a JSON list of strings"),
+        ("class_names", "[]", "ovd.class_names: malformed metadata: expected at least one class name"),
+        ("outputs", '["boxes"]', "ovd.outputs: malformed metadata: expected a list holding boxes, scores, labels"),
+        ("min_size_test", "sixty", "ovd.min_size_test: malformed metadata: expected a positive integer"),
+        ("max_size_test", "-5", "ovd.max_size_test: malformed metadata: expected a positive integer"),
+    ],
+)
+def test_malformed_metadata_is_one_error(exported, tmp_path, key, value, match):
+    import onnx
+
+    proto = onnx.load(str(exported[1]))
+    for entry in proto.metadata_props:
+        if entry.key == f"ovd.{key}":
+            entry.value = value
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    with pytest.raises(OVDError, match=match) as e:
+        OnnxDetector(tmp_path / "bad.onnx")
+    assert e.value.path == str(tmp_path / "bad.onnx")
+
+
+def test_labels_outside_the_vocabulary_are_an_error(exported, tiny_checkpoint, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(exported[1]))
+    for entry in proto.metadata_props:
+        if entry.key == "ovd.class_names":
+            entry.value = json.dumps(CUSTOM[:1])  # one name for a 4-class graph: labels 1..3 have no name
+    onnx.save(proto, str(tmp_path / "short.onnx"))
+    runner = OnnxDetector(tmp_path / "short.onnx")
+    assert (OnnxDetector(exported[1])(tiny_checkpoint[1][0]).labels > 0).any()  # the graph does return them
+    with pytest.raises(OVDError, match=r"short.onnx: the model returned label [1-3] for a vocabulary of 1 classes"):
+        runner(tiny_checkpoint[1][0])
+
+
+def test_export_writes_through_a_unique_temporary_file(exported, tmp_path, monkeypatch):
+    predictor, done = exported
+    cfg = predictor.cfg.input
+
+    class Program:  # the graph exported once by the fixture: only the writing is under test here
+        def save(self, path):
+            shutil.copyfile(done, path)
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program())
+    (tmp_path / ".model.onnx.tmp").write_text("another export's temporary file")  # the old fixed name
+    seen = []
+    real = os.replace
+
+    def spy(src, dst):
+        seen.append(Path(src).name)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    export_onnx(predictor.model, tmp_path / "model.onnx", class_names=CUSTOM, min_size_test=cfg.min_size_test,
+                max_size_test=cfg.max_size_test, example_size=(96, 128))  # fmt: skip
+    assert (tmp_path / ".model.onnx.tmp").read_text() == "another export's temporary file"
+    assert seen and seen[-1] != ".model.onnx.tmp" and seen[-1].startswith(".model.")
+    assert read_metadata(tmp_path / "model.onnx")["class_names"] == json.dumps(CUSTOM)
 
 
 def test_cli(tiny_checkpoint, tmp_path, capsys):

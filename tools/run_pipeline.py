@@ -23,10 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parallel-stages", type=int, help="stages trained at once (default: the pipeline file's parallel_stages)"
     )
+    parser.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="train again the stages whose settings or inputs changed since they were made, and every later stage",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage's recipe")
     args = parser.parse_args(argv)
     setup_logging()
-    result = run_pipeline(args.config_file, args.output_dir, args.overrides, parallel_stages=args.parallel_stages)
+    result = run_pipeline(
+        args.config_file,
+        args.output_dir,
+        args.overrides,
+        parallel_stages=args.parallel_stages,
+        rerun_changed=args.rerun_changed,
+    )
     print(format_ablation(result["stages"]))
     print(f"\nablation table: {args.output_dir}/ablation.json")
     for row in result["stages"]:

@@ -37,6 +37,7 @@ import torch
 from pycocotools import mask as mask_util
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ovd.data.bad_images import first_readable
 from ovd.data.transforms import ResizeFlipAugmentation, TransformParams
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
@@ -135,12 +136,14 @@ class DetectionDataset(Dataset):
         seed: int = 0,
         regions: RegionLookup | None = None,
         num_regions: int = 0,
+        skip_bad_images: bool = False,
     ):
         self.records = records
         self.augmentation = augmentation
         self.seed = seed
         self.regions = regions
         self.num_regions = num_regions
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.records)
@@ -155,8 +158,7 @@ class DetectionDataset(Dataset):
         else:
             idx = key
             rng = np.random.default_rng((self.seed, idx))
-        rec = self.records[idx]
-        img = read_record_image(rec)
+        rec, img, skipped = first_readable(self.records, idx, read_record_image, skip=self.skip_bad_images)
         params = self.augmentation.sample(rec.height, rec.width, rng, short_rng)
         img = params.apply_image(img)  # (H, W, 3)
         boxes = params.apply_boxes(rec.boxes)  # (N, 4)
@@ -172,6 +174,8 @@ class DetectionDataset(Dataset):
             "ann_type": rec.ann_type,
             "file_name": rec.file_name,
         }
+        if skipped:
+            item["skipped_images"] = skipped
         if rec.masks is not None:
             item["masks"] = torch.from_numpy(decode_masks(rec.masks, rec.height, rec.width, params, keep))
         if self.regions is not None:
@@ -401,6 +405,7 @@ def build_train_loader(
     regions: RegionLookup | None = None,
     num_regions: int = 0,
     size_per_batch: bool = False,
+    skip_bad_images: bool = False,
 ) -> DataLoader:
     """Infinite training loader yielding ``list[dict]`` batches (see :class:`DetectionDataset`).
 
@@ -415,6 +420,7 @@ def build_train_loader(
         regions, num_regions: stored distillation regions added to every item (see
             :class:`DetectionDataset`).
         size_per_batch: one short side per batch (see :class:`GroupedBatchSampler`).
+        skip_bad_images: replace unreadable images by the next readable one (see :class:`DetectionDataset`).
     """
     sampler = GroupedBatchSampler(
         records,
@@ -428,7 +434,9 @@ def build_train_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
-        DetectionDataset(records, augmentation, seed=seed, regions=regions, num_regions=num_regions),
+        DetectionDataset(
+            records, augmentation, seed=seed, regions=regions, num_regions=num_regions, skip_bad_images=skip_bad_images
+        ),  # fmt: skip
         batch_sampler=sampler,
         collate_fn=collate_list,
         num_workers=num_workers,

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import numpy as np
 from ovd.data.loader import shard_range
 from ovd.errors import OVDError
 from ovd.utils.io import atomic_write, read_json, write_json
+from ovd.utils.lock import create_pid_lock
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +391,7 @@ def read_part(path: Path, *, arrays: bool = True) -> tuple[dict[str, Any], dict[
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
             data = {name: z[name] for name in ARRAY_FILES} if arrays else {}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cut file is not a zip
         raise OVDError(f"unreadable part file ({type(e).__name__}: {e}); delete it to recompute", path=path) from e
     if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
         raise OVDError("not a region-store part file", path=path)
@@ -434,14 +436,13 @@ def expected_parts(store: str | os.PathLike[str], num_images: int, num_shards: i
 def _merge_lock(out: Path):
     lock = out / LOCK_FILE
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = create_pid_lock(lock)  # a lock left by a killed merge is replaced
     except FileExistsError as e:
         raise MergeInProgressError(
             f"another process is merging this store (or a merge crashed: delete {LOCK_FILE} if none runs)",
             path=out,
         ) from e
     try:
-        os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         yield
     finally:

@@ -1,13 +1,26 @@
 """Checkpoints: atomic saves, a ``last_checkpoint`` pointer, and clear errors on mismatch.
 
 A checkpoint is a ``torch.save`` dict with ``model`` (state dict), and when saved by the trainer
-``optimizer``, ``scheduler``, ``scaler``, ``iteration``, ``config`` (YAML text) and ``vocabulary``
-(``class_names`` and ``embeddings`` ``Tensor[C, D]``).
+``optimizer``, ``scheduler``, ``scaler``, ``iteration``, ``rng`` (tensors), ``config`` (YAML text) and
+``vocabulary`` (``class_names`` and ``embeddings`` ``Tensor[C, D]``).
+
+Safety: a checkpoint holds only tensors, numbers, strings, ``None`` and plain containers (checked on
+save), and every load uses ``torch.load(weights_only=True)``, whose unpickler admits only those types:
+a file whose unpickling would call anything else is refused, naming the file, before any of its code
+runs. ``torch.save`` + ``weights_only`` rather than safetensors: a checkpoint nests optimizer state,
+RNG states, the config text and the vocabulary, which safetensors (flat ``{name: tensor}`` plus string
+metadata) would have to flatten into a second format, and every checkpoint ``ovd`` ever wrote (and the
+converted ones of :mod:`ovd.compat`) stays loadable as it is. A trusted file of another layout is
+converted once with ``tools/upgrade_checkpoint.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +28,126 @@ import torch
 from torch import nn
 
 from ovd.errors import OVDError
-from ovd.utils.io import atomic_open, atomic_write
+from ovd.utils.io import DiskFullError, atomic_open
+
+logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"  # text file in the output dir naming the newest checkpoint
+UPGRADE_COMMAND = "python tools/upgrade_checkpoint.py --trust {path} NEW.pth"
+_PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.Size)
+_CHECKPOINT_NAME = re.compile(r"model_(\d+|final)\.pth")
+
+
+def plain_state_errors(obj: Any, where: str = "") -> list[str]:
+    """Where ``obj`` holds something other than tensors, numbers, strings, None and lists/tuples/dicts."""
+    if isinstance(obj, _PLAIN):
+        return []
+    if isinstance(obj, dict):
+        return [e for k, v in obj.items() for e in plain_state_errors(k, where) + plain_state_errors(v, f"{where}.{k}")]
+    if isinstance(obj, (list, tuple)):
+        return [e for i, v in enumerate(obj) for e in plain_state_errors(v, f"{where}[{i}]")]
+    return [f"{where or '<top level>'}: {type(obj).__module__}.{type(obj).__qualname__}"]
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write ``state`` atomically, then point ``last_checkpoint`` at it."""
+    """Write ``state`` atomically, then point ``last_checkpoint`` at it.
+
+    Raises:
+        OVDError: ``state`` holds a non-plain object (it could not be loaded back safely), or the disk
+            is full (the previous checkpoint and pointer are left as they were).
+    """
     path = Path(path)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    with atomic_open(path.parent / LAST_CHECKPOINT) as f:
-        f.write(path.name)
+    bad = plain_state_errors(state)
+    if bad:
+        raise OVDError(f"a checkpoint may hold only tensors, numbers, strings and containers: {bad[:3]}", path=path)
+    try:
+        with atomic_open(path, "wb") as f:  # a file object: a full disk is an OSError, not torch's RuntimeError
+            torch.save(state, f)
+        with atomic_open(path.parent / LAST_CHECKPOINT) as f:
+            f.write(path.name)
+    except DiskFullError as e:
+        previous = last_checkpoint(path.parent)
+        raise OVDError(
+            f"disk full while writing the checkpoint; nothing was replaced (last complete checkpoint: "
+            f"{previous.name if previous else 'none'}); free space and rerun with --resume",
+            path=path,
+        ) from e
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> int:
+    """Delete the temporary files of checkpoint writes that a killed run left (``.model_*.tmp``; never
+    read); call it only while holding the folder's lock. Returns how many were removed."""
+    partial = list(Path(output_dir).glob(".model_*.pth.*.tmp"))
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return len(partial)
+
+
+def is_intact(path: Path) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` archive (a truncated one lacks the zip's directory)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _iteration(path: Path) -> float:
+    m = _CHECKPOINT_NAME.fullmatch(path.name)
+    return float("inf") if m and m.group(1) == "final" else float(m.group(1)) if m else -1.0
 
 
 def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run, or ``None``."""
-    pointer = Path(output_dir) / LAST_CHECKPOINT
+    """The newest complete checkpoint of a run, or ``None``.
+
+    A ``last_checkpoint`` pointer naming a missing or truncated file falls back, with a warning, to the
+    newest intact ``model_*.pth`` of the folder.
+    """
+    out = Path(output_dir)
+    pointer = out / LAST_CHECKPOINT
     if not pointer.is_file():
         return None
-    path = Path(output_dir) / pointer.read_text().strip()
-    return path if path.is_file() else None
+    path = out / pointer.read_text().strip()
+    if path.is_file() and is_intact(path):
+        return path
+    intact = sorted((p for p in out.glob("model_*.pth") if _iteration(p) >= 0 and is_intact(p)), key=_iteration)
+    fallback = intact[-1] if intact else None
+    logger.warning(
+        "%s names %s, which is missing or truncated; resuming from %s",
+        pointer,
+        path.name,
+        fallback.name if fallback else "scratch (no intact checkpoint)",
+    )
+    return fallback
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint; a missing or corrupt file raises :class:`OVDError` naming it."""
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        OVDError: naming the file: missing, truncated or corrupt, not an ``ovd`` checkpoint, or holding
+            objects whose unpickling could run code (refused before any runs; the message says how to
+            convert the file if its source is trusted).
+    """
     path = Path(path)
     if not path.is_file():
         raise OVDError("checkpoint not found", path=path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e) or "Unsupported operand" in str(e):  # not a pickle at all
+            raise OVDError(f"cannot read checkpoint, truncated or corrupt ({str(e)[:200]})", path=path) from e
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise OVDError(
+            f"refused: loading it needs unpickling objects other than tensors and plain containers{what}, "
+            f"which can run arbitrary code; if you trust its source, convert it once with "
+            f"`{UPGRADE_COMMAND.format(path=path)}`",
+            path=path,
+        ) from e
     except Exception as e:
-        raise OVDError(f"cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})", path=path) from e
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise OVDError(f"cannot read checkpoint, truncated or corrupt ({type(e).__name__}: {first})", path=path) from e
     if not isinstance(state, dict) or "model" not in state:
         raise OVDError("not an ovd checkpoint (no 'model' entry)", path=path)
     return state
@@ -77,3 +179,54 @@ def load_model_state(
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         raise OVDError("checkpoint does not match the model: " + "; ".join(parts), path=source)
     model.load_state_dict(state_dict, strict=False)
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` with numpy arrays/scalars turned into tensors/numbers and configs into YAML text.
+
+    Raises:
+        OVDError: an object that has no plain equivalent (listed by where it sits).
+    """
+    import dataclasses
+
+    import numpy as np
+
+    if isinstance(obj, _PLAIN):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(v) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.structured(obj))
+    raise OVDError(f"no plain equivalent for a {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def upgrade_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
+    """Convert a TRUSTED checkpoint that needs full unpickling into the safe format; returns what changed.
+
+    This is the one place ``ovd`` unpickles arbitrary objects, and only on explicit request
+    (``tools/upgrade_checkpoint.py --trust``): it runs any code the file holds.
+    """
+    src = Path(src)
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=False)  # noqa: S614 (the user vouched for it)
+    except Exception as e:
+        raise OVDError(f"cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})", path=src) from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise OVDError("not an ovd checkpoint (no 'model' entry)", path=src)
+    changed = plain_state_errors(state)
+    try:
+        plain = to_plain(state)
+    except OVDError as e:
+        raise OVDError(e.reason, path=src) from e
+    with atomic_open(Path(dst), "wb") as f:
+        torch.save(plain, f)
+    return changed

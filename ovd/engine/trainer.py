@@ -27,14 +27,23 @@ from ovd.data.loader import DetectionDataset, build_train_loader, collate_list, 
 from ovd.data.multi_source import MultiSourceBatchSampler, MultiSourceDataset
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
-from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from ovd.engine.bad_images import count_skipped, existing_images
+from ovd.engine.checkpoint import (
+    last_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from ovd.engine.evaluate import evaluate
+from ovd.engine.fingerprint import check_resume, run_fingerprint, write_fingerprint
 from ovd.engine.schedule import lr_factor
 from ovd.engine.vocabulary import class_embeddings
 from ovd.errors import OVDError
 from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
 from ovd.structures import ImageRecord
+from ovd.utils.lock import holds_output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +118,8 @@ def _train_sources(cfg: Config, world: int) -> list[TrainSource]:
         records = load_dataset(info)
         if not records:
             raise OVDError(f"training dataset {spec.dataset!r} has no images", field=f"{where}.dataset")
+        if cfg.data.check_images:
+            records = existing_images(cfg, spec.dataset, records, where)
         i_cfg = cfg.input
         augmentation = ResizeFlipAugmentation(
             tuple(spec.min_size or i_cfg.min_size_train),
@@ -146,6 +157,7 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
             regions=src.regions,
             num_regions=cfg.model.distill.num_regions,
             size_per_batch=cfg.input.size_per_batch,
+            skip_bad_images=cfg.data.bad_images == "skip",
         )
     from ovd.data.lvis import repeat_factors
 
@@ -166,7 +178,12 @@ def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> D
     )
     datasets = [
         DetectionDataset(
-            s.records, s.augmentation, seed=cfg.seed, regions=s.regions, num_regions=cfg.model.distill.num_regions
+            s.records,
+            s.augmentation,
+            seed=cfg.seed,
+            regions=s.regions,
+            num_regions=cfg.model.distill.num_regions,
+            skip_bad_images=cfg.data.bad_images == "skip",
         )
         for s in sources
     ]
@@ -263,10 +280,15 @@ def checkpoint_state(model: nn.Module, cfg: Config, class_names: tuple[str, ...]
     }
 
 
+@holds_output_lock
 def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` in ``output_dir``; with ``resume``, continue from its last checkpoint exactly.
 
     Returns the final evaluation metrics (empty if ``data.test`` is empty).
+
+    Raises:
+        OVDError: among others, another run writes into ``output_dir`` (its lock is held while training),
+            or ``resume`` finds a checkpoint trained with other result-changing config fields.
     """
     register_custom_datasets(cfg.data.custom)
     device = dist.local_device(cfg.device)
@@ -274,9 +296,15 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     out = Path(output_dir)
+    ckpt = last_checkpoint(out) if resume else None
+    resumed = load_checkpoint(ckpt) if ckpt is not None else None
+    if resumed is not None:
+        check_resume(cfg, resumed, ckpt)  # before config.yaml is rewritten
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+        write_fingerprint(out, run_fingerprint(cfg))  # first: a folder with a config.yaml has its fingerprint
         save_config(cfg, out / "config.yaml")
+        remove_partial_checkpoints(out)  # a killed run's unfinished writes (this run holds the folder's lock)
     torch.manual_seed(cfg.seed)
     world = dist.get_world_size()
     sources = _train_sources(cfg, world)
@@ -301,9 +329,8 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype is torch.float16)  # bfloat16 needs no scaling
 
     start_iter = 0
-    ckpt = last_checkpoint(out) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
+    if ckpt is not None and resumed is not None:
+        state = resumed
         load_model_state(model, state["model"], source=str(ckpt))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -351,9 +378,11 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
     )
     model.train()
     data_iter = iter(loader)
+    skipped_images = 0  # unreadable images replaced in this run (data.bad_images=skip)
     for iteration in range(start_iter, solver.max_iter):
         t0 = time.perf_counter()
         batch = next(data_iter)
+        skipped_images += count_skipped(batch, skipped_images, cfg.data.max_bad_images)
         images = [b["image"] for b in batch]
         targets = [{k: b[k] for k in _TARGET_KEYS if k in b} for b in batch]
         supervision = sources[batch[0].get("source", 0)].cfg.supervision
@@ -386,6 +415,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/iter_time", time.perf_counter() - t0, step)
+                writer.add_scalar("train/skipped_images", skipped_images, step)
             bar.set_postfix(loss=f"{scalars['total_loss']:.3f}", lr=f"{lr:.2e}")
         bar.update(1)
         if step % solver.checkpoint_period == 0 or step == solver.max_iter:
@@ -404,6 +434,9 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         _log_metrics(writer, metrics, solver.max_iter)
     if writer is not None:
         writer.close()
+    if skipped_images:
+        logger.warning("data.bad_images=skip: %d unreadable image reads were skipped", skipped_images)
+        metrics["skipped_images"] = skipped_images
     return metrics
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,7 +47,7 @@ from ovd.data.catalog import DatasetInfo
 from ovd.data.loader import MIN_BOX_SIDE_PX
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
-from ovd.utils.io import read_json, write_json
+from ovd.utils.io import load_plain_pickle, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +215,7 @@ class FileBoxes:
         path = self._pickle_path(record)
         if not path.is_file():
             raise OVDError(f"no pseudo-box file for image {record.image_id}", path=path)
-        try:
-            with open(path, "rb") as f:
-                raw = pickle.load(f)  # noqa: S301 (the user's own MAVL outputs)
-        except Exception as e:
-            raise OVDError(f"cannot read pseudo-box pickle ({type(e).__name__})", path=path) from e
+        raw = load_plain_pickle(path)  # numpy arrays, numbers, strings, containers only: no code runs
         if not isinstance(raw, Mapping):
             raise OVDError(f"expected a dict {{category_id: ([box], [score])}}, got {type(raw).__name__}", path=path)
         out: PseudoBoxes = {}

@@ -17,13 +17,24 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars still drawn, so that what is printed next starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main``; an :class:`OVDError` becomes one ``error: …`` line on stderr and exit code 2."""
+    """Run ``main``; an :class:`OVDError` becomes one ``error: …`` line on stderr (on a new line, below
+    any progress bar) and exit code 2."""
     try:
         return int(main(argv) or 0)
     except OVDError as e:
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130

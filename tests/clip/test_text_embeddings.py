@@ -318,6 +318,14 @@ def test_cli_dataset_name_and_errors(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.weights
+def test_weights_tests_read_the_real_model_cache(tmp_path):
+    import huggingface_hub.constants as hf_constants
+
+    assert not hf_constants.HF_HUB_CACHE.startswith(str(tmp_path))  # the configured cache, not an empty one
+    assert hf_constants.HF_HUB_OFFLINE  # still no downloads
+
+
+@pytest.mark.weights
 def test_vitb32_openai_matches_reference_npy():
     """With OpenAI ViT-B/32 weights in the local cache, our embeddings reproduce the reference file."""
     try:

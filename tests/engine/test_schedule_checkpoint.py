@@ -1,10 +1,19 @@
 """LR schedule values and checkpoint safety."""
 
+import errno
+import logging
+
 import pytest
 import torch
 from torch import nn
 
-from ovd.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from ovd.engine.checkpoint import (
+    last_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from ovd.engine.schedule import lr_factor
 from ovd.errors import OVDError
 
@@ -19,7 +28,7 @@ def test_warmup_multistep_values():
     assert lr_factor(30, **kw) == pytest.approx(0.01)
 
 
-def test_checkpoint_pointer_and_errors(tmp_path):
+def test_checkpoint_pointer_and_errors(tmp_path, monkeypatch):
     model = nn.Linear(3, 2)
     save_checkpoint(tmp_path / "model_0000010.pth", {"model": model.state_dict(), "iteration": 10})
     assert last_checkpoint(tmp_path) == tmp_path / "model_0000010.pth"
@@ -32,13 +41,15 @@ def test_checkpoint_pointer_and_errors(tmp_path):
     with pytest.raises(OVDError, match="not found"):
         load_checkpoint(tmp_path / "none.pth")
 
-    # a failed save leaves the previous good checkpoint and pointer untouched
-    class Boom:
-        def __reduce__(self):
-            raise RuntimeError("disk full")
+    # a failed save (the disk fills up mid-write) is one error; the previous checkpoint and pointer are kept
+    def full_disk(state, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(RuntimeError):
-        save_checkpoint(tmp_path / "model_0000020.pth", {"model": {}, "bad": Boom()})
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        with pytest.raises(OVDError, match=r"model_0000020.pth: disk full .*checkpoint: model_0000010.pth.*--resume"):
+            save_checkpoint(tmp_path / "model_0000020.pth", {"model": {}, "iteration": 20})
     assert last_checkpoint(tmp_path) == tmp_path / "model_0000010.pth"
     assert not (tmp_path / "model_0000020.pth").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -56,3 +67,26 @@ def test_mismatched_model_state_is_reported():
     extra = {**model.state_dict(), "2.weight": torch.zeros(1)}
     with pytest.raises(OVDError, match="unexpected keys"):
         load_model_state(model, extra, source="x.pth")
+
+
+def test_truncated_checkpoints_and_a_bad_pointer(tmp_path, caplog):
+    for it in (2, 4):
+        save_checkpoint(
+            tmp_path / f"model_{it:07d}.pth", {"model": {"w": torch.full((64,), float(it))}, "iteration": it}
+        )
+    newest = tmp_path / "model_0000004.pth"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a crash or a copy cut it in half
+    with pytest.raises(OVDError, match="model_0000004.pth: cannot read checkpoint, truncated or corrupt"):
+        load_checkpoint(newest)
+    with caplog.at_level(logging.WARNING):  # the pointer names the truncated file: the newest intact one is used
+        assert last_checkpoint(tmp_path) == tmp_path / "model_0000002.pth"
+    assert "model_0000004.pth, which is missing or truncated; resuming from model_0000002.pth" in caplog.text
+    newest.unlink()  # a pointer to a missing file: the same
+    assert last_checkpoint(tmp_path) == tmp_path / "model_0000002.pth"
+    assert load_checkpoint(last_checkpoint(tmp_path))["iteration"] == 2
+    (tmp_path / "model_0000002.pth").write_bytes(b"")
+    assert last_checkpoint(tmp_path) is None  # nothing intact: start from scratch
+    (tmp_path / ".model_0000006.pth.x1y2.tmp").write_bytes(b"PK")  # a killed write's temporary file
+    (tmp_path / ".other.tmp").write_bytes(b"")
+    assert remove_partial_checkpoints(tmp_path) == 1 and (tmp_path / ".other.tmp").exists()

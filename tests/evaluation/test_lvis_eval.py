@@ -123,7 +123,9 @@ def lvis_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]
     """lvis-api's LVIS, LVISResults and LVISEval, imported without ``lvis/__init__.py``."""
     spec = importlib.util.find_spec("lvis")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("lvis-api is not installed: pip install -e '.[test]' (lvis==0.5.3)")
+        pytest.fail(
+            "lvis-api is not installed: pip install --no-deps lvis==0.5.3 (its opencv-python would be a 2nd cv2)"
+        )
     monkeypatch.setattr(np, "float", float, raising=False)  # lvis-api's accumulate uses np.float
     before = {name: mod for name, mod in sys.modules.items() if name == "lvis" or name.startswith("lvis.")}
     for name in before:

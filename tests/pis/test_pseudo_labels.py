@@ -171,7 +171,7 @@ def test_file_boxes_from_pickles(tmp_path):
         (pickle.dumps({10: "oops"}), r"\[10\]: expected \(\[box_xyxy"),
         (pickle.dumps({10: ([[1, 2, 3]], [0.99])}), r"\[10\]: expected"),
         (pickle.dumps({"dog": ([[1, 2, 3, 4]], [0.99])}), r"\['dog'\]: keys must be category ids"),
-        (b"not a pickle", "cannot read pseudo-box pickle"),
+        (b"not a pickle", "cannot read pickle"),
     ],
 )
 def test_file_boxes_bad_pickles(tmp_path, content, match):
