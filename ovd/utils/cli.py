@@ -18,12 +18,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main``; an :class:`OVDError` becomes one ``error: …`` line on stderr and exit code 2."""
+    """Run ``main``; an :class:`OVDError` becomes one ``error: …`` line on stderr and exit code 2, a diverged
+    training (``FloatingPointError``: a NaN or infinite loss, whose message says what to change) one
+    ``error: …`` line and exit code 3."""
     try:
         return int(main(argv) or 0)
     except OVDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
