@@ -36,6 +36,7 @@ from ovd.prepare import (
     makes_caption_tags,
     plan_stores,
 )
+from ovd.smoke import smoke_overrides
 from ovd.utils.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -260,6 +261,8 @@ def run_pipeline(
     overrides: list[str] | None = None,
     *,
     parallel_stages: int | None = None,
+    smoke: int = 0,
+    preflight_only: bool = False,
 ) -> dict[str, Any]:
     """Run every stage of a pipeline file; returns ``{"stages": [rows], "prepare_time_s": {step: s},
     "demo": path, "wall_time_s": t}`` (rows: :func:`stage_row`, in the file's order; ``prepare_time_s``:
@@ -284,6 +287,12 @@ def run_pipeline(
     if parallel_stages is not None:
         _check_parallel_stages(parallel_stages)
         pipe = replace(pipe, parallel_stages=parallel_stages)
+    if smoke:  # every stage, a few images and iterations, in this process (the subsets live in its catalog)
+        overrides = [*smoke_overrides(), *(overrides or [])]
+        p = pipe.pseudo_labels
+        pipe = replace(
+            pipe, parallel_stages=1, pseudo_labels=replace(p, threshold=0.0), demo_images=min(pipe.demo_images, 1)
+        )
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
     regions_dataset = pipe.regions.dataset or first.data.train
     p = pipe.pseudo_labels
@@ -306,6 +315,15 @@ def run_pipeline(
     t = time.perf_counter()
     summary: dict[str, dict[str, Any]] = {"caption_tags": {}, "region_stores": {}, "pseudo_labels": {}}
     read = {d for c in configs for d in _stage_datasets(c)} | set(main_plan.datasets) | {p.dataset}
+    if smoke:
+        from ovd.smoke import register_subsets
+
+        register_subsets(sorted(read - {p.name, ""}), out / "smoke" / "data", smoke)
+    proposer = _proposal_stage(pipe)
+    proposals = out / proposer / "model_final.pth" if proposer else Path(pipe.regions.proposals)
+    report = _preflight(pipe, configs, out, read, [main_plan, *([own_plan] if own_plan else [])], proposals)
+    if preflight_only:
+        return {"preflight": report}
     for name in sorted(read - {p.name, ""}):
         info = get_dataset(name)  # generates the built-in synthetic data on first use
         if makes_caption_tags(info) and info.prepare is None:  # before training: the tags step of the recipe
@@ -333,9 +351,6 @@ def run_pipeline(
                 _prepare(cfg)
         finally:
             torch.set_num_threads(threads)
-
-    proposer = _proposal_stage(pipe)
-    proposals = out / proposer / "model_final.pth" if proposer else Path(pipe.regions.proposals)
 
     def ensure(plan: StorePlan, cfg: Config, key: str) -> Path:
         """Check or extract a store once per run; every store is listed in the run summary."""
@@ -418,6 +433,33 @@ def run_pipeline(
     result["wall_time_s"] = round(time.perf_counter() - start, 1)
     write_json(out / "ablation.json", result)
     return result
+
+
+def _preflight(
+    pipe: PipelineCfg, configs: list[Config], out: Path, read: set[str], plans: list[StorePlan], proposals: Path
+) -> Any:
+    """Check every input of the run before anything trains (:mod:`ovd.preflight`); raise listing all problems."""
+    from ovd.preflight import PreflightError, StoreNeed, preflight
+
+    made = []
+    if pipe.teacher:
+        from ovd.clip.teacher import teacher_path
+
+        made.append(teacher_path())
+    regions = any(c.model.distill.enabled or _reads_pseudo_labels(pipe, c) for c in configs)
+    stores = [StoreNeed(s.path, s.datasets, pipe.regions.k) for s in plans] if regions else []
+    report = preflight(
+        configs, [out], datasets=read, skip={pipe.pseudo_labels.name}, makes_tags=True, stores=stores,
+        proposals=proposals if regions else None, made=made,
+    )  # fmt: skip
+    if report.problems:
+        raise PreflightError(report.problems)
+    logger.info(
+        "pre-flight check passed in %.1f s (%s)",
+        report.seconds,
+        ", ".join(f"{k} {v} images" for k, v in report.images.items()),
+    )
+    return report
 
 
 def _demo(cfg: Config, stage_dir: Path, demo_dir: Path, pipe: PipelineCfg) -> Path:
