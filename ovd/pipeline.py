@@ -9,6 +9,7 @@ each in its own process (stages are seeded, so the numbers are those of a sequen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -274,10 +275,32 @@ def run_pipeline(
     before the first stage that reads them starts. With ``parallel_stages: 1`` every stage trains in
     this process. The ``parallel_stages`` argument, when given, replaces the file's value.
 
+    A pre-flight check (:mod:`ovd.preflight`) of every input comes first; ``preflight_only`` returns
+    ``{"preflight": report}`` after it. ``smoke``: images per dataset of a smoke run (:mod:`ovd.smoke`;
+    0 = a real run); its catalog entries are restored at the end.
+
     Raises:
         OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, or a
-            stage process that failed (after the other running stages finish; a rerun resumes them).
+            stage process that failed (after the other running stages finish; a rerun resumes them),
+            :class:`ovd.preflight.PreflightError` listing every problem the pre-flight check found.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _run_pipeline(
+            pipeline_file, output_dir, overrides, cleanup, parallel_stages=parallel_stages, smoke=smoke,
+            preflight_only=preflight_only,
+        )  # fmt: skip
+
+
+def _run_pipeline(
+    pipeline_file: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    overrides: list[str] | None,
+    cleanup: contextlib.ExitStack,
+    *,
+    parallel_stages: int | None,
+    smoke: int,
+    preflight_only: bool,
+) -> dict[str, Any]:
     from ovd.engine import trainer
 
     start = time.perf_counter()
@@ -318,7 +341,7 @@ def run_pipeline(
     if smoke:
         from ovd.smoke import register_subsets
 
-        register_subsets(sorted(read - {p.name, ""}), out / "smoke" / "data", smoke)
+        cleanup.enter_context(register_subsets(sorted(read - {p.name, ""}), out / "smoke" / "data", smoke))
     proposer = _proposal_stage(pipe)
     proposals = out / proposer / "model_final.pth" if proposer else Path(pipe.regions.proposals)
     report = _preflight(pipe, configs, out, read, [main_plan, *([own_plan] if own_plan else [])], proposals)

@@ -12,13 +12,14 @@ load. The pseudo-label threshold is 0, so that every label gets a box whatever t
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ovd.data.catalog import get_dataset, register_dataset
+from ovd.data.catalog import DatasetInfo, get_dataset, register_dataset
 from ovd.utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -83,30 +84,43 @@ def _subset(data: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def register_subsets(names: Iterable[str], folder: Path, n: int = SMOKE_IMAGES) -> dict[str, int]:
-    """Register each catalog dataset of ``names`` as its first ``n`` images (files written to ``folder``).
+@contextlib.contextmanager
+def register_subsets(names: Iterable[str], folder: Path, n: int = SMOKE_IMAGES) -> Iterator[dict[str, int]]:
+    """Register each catalog dataset of ``names`` as its first ``n`` images (files written to ``folder``)
+    while the context lasts (the former entries come back at its end).
 
     An entry whose file is made from captions (``extra["captions"]``) gets a cut captions file and a tag
-    file to be made there. Returns ``{name: images kept}`` (caption entries: captioned images kept).
+    file to be made there. Yields ``{name: images kept}`` (caption entries: captioned images kept).
     """
     folder.mkdir(parents=True, exist_ok=True)
     kept: dict[str, int] = {}
-    for name in names:
-        info = get_dataset(name)  # generates a built-in world first
-        ann = (folder / f"{name}.json").resolve()
-        extra = dict(info.extra)
-        if info.ann_type == "image" and "captions" in info.extra:
-            captions = _subset(read_json(info.resolve(info.extra["captions"])), n)
-            path = (folder / f"{name}_captions.json").resolve()
-            write_json(path, captions, indent=None)
-            extra["captions"] = str(path)
-            ann.unlink(missing_ok=True)  # the caption-tag step makes it
-            kept[name] = len(captions["images"])
-        else:
-            data = _subset(read_json(info.ann_file_path), n)
-            write_json(ann, data, indent=None)
-            kept[name] = len(data["images"])
-        root = str(info.image_root_path.resolve())
-        register_dataset(replace(info, ann_file=str(ann), image_root=root, extra=extra, prepare=None), overwrite=True)
-    logger.info("smoke run: %s", ", ".join(f"{k} {v} images" for k, v in kept.items()))
-    return kept
+    former: list[DatasetInfo] = []
+    try:
+        for name in names:
+            former.append(get_dataset(name))  # generates a built-in world first
+            kept[name] = _register_subset(former[-1], folder, n)
+        logger.info("smoke run: %s", ", ".join(f"{k} {v} images" for k, v in kept.items()))
+        yield kept
+    finally:
+        for info in former:
+            register_dataset(info, overwrite=True)
+
+
+def _register_subset(info: DatasetInfo, folder: Path, n: int) -> int:
+    """Register ``info``'s first ``n`` images in its place; returns how many were kept."""
+    ann = (folder / f"{info.name}.json").resolve()
+    extra = dict(info.extra)
+    if info.ann_type == "image" and "captions" in info.extra:
+        captions = _subset(read_json(info.resolve(info.extra["captions"])), n)
+        path = (folder / f"{info.name}_captions.json").resolve()
+        write_json(path, captions, indent=None)
+        extra["captions"] = str(path)
+        ann.unlink(missing_ok=True)  # the caption-tag step makes it
+        count = len(captions["images"])
+    else:
+        data = _subset(read_json(info.ann_file_path), n)
+        write_json(ann, data, indent=None)
+        count = len(data["images"])
+    root = str(info.image_root_path.resolve())
+    register_dataset(replace(info, ann_file=str(ann), image_root=root, extra=extra, prepare=None), overwrite=True)
+    return count
