@@ -317,7 +317,9 @@ def _run_pipeline(
             pipe, parallel_stages=1, pseudo_labels=replace(p, threshold=0.0), demo_images=min(pipe.demo_images, 1)
         )
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
-    regions_dataset = pipe.regions.dataset or first.data.train
+    regions_dataset = pipe.regions.dataset or (
+        first.data.sources[0].dataset if first.data.sources else first.data.train
+    )
     p = pipe.pseudo_labels
     recipes = [
         (s.name, load_config(pipeline_file.parent / s.config, [*s.overrides, *(overrides or [])])) for s in pipe.stages

@@ -44,7 +44,7 @@ class RegionsCfg:
     """Class-agnostic regions + CLIP embeddings for region distillation (METHOD §3.1–§3.2)."""
 
     proposals: str = ""  # stage whose final checkpoint proposes the regions, or a COCO results JSON ("" = none)
-    dataset: str = ""  # whose images ("" = the first stage's data.train); other sources must share its image ids
+    dataset: str = ""  # whose images ("" = the first stage's data.train, or its first source); others share its ids
     k: int = 5  # regions kept per image after class-agnostic NMS (distillation reads the first num_regions)
     nms_thresh: float = 0.5  # class-agnostic NMS IoU
     batch_size: int = 256  # crops per CLIP forward pass
