@@ -27,6 +27,7 @@ from ovd.config import Config, CustomDatasetCfg, _check_keys, load_config
 from ovd.data.catalog import get_dataset
 from ovd.data.custom import register_custom_datasets
 from ovd.errors import OVDError
+from ovd.preflight import check_pipeline
 from ovd.prepare import (
     PseudoLabelsCfg,
     RegionsCfg,
@@ -346,7 +347,10 @@ def _run_pipeline(
         cleanup.enter_context(register_subsets(sorted(read - {p.name, ""}), out / "smoke" / "data", smoke))
     proposer = _proposal_stage(pipe)
     proposals = out / proposer / "model_final.pth" if proposer else Path(pipe.regions.proposals)
-    report = _preflight(pipe, configs, out, read, [main_plan, *([own_plan] if own_plan else [])], proposals)
+    regions = any(c.model.distill.enabled or _reads_pseudo_labels(pipe, c) for c in configs)
+    plans = [main_plan, *([own_plan] if own_plan else [])] if regions else []
+    report = check_pipeline(configs, out, read, [(s.path, s.datasets) for s in plans], proposals if regions else None,
+                            k=pipe.regions.k, skip={p.name}, teacher=pipe.teacher)  # fmt: skip
     if preflight_only:
         return {"preflight": report}
     for name in sorted(read - {p.name, ""}):
@@ -458,33 +462,6 @@ def _run_pipeline(
     result["wall_time_s"] = round(time.perf_counter() - start, 1)
     write_json(out / "ablation.json", result)
     return result
-
-
-def _preflight(
-    pipe: PipelineCfg, configs: list[Config], out: Path, read: set[str], plans: list[StorePlan], proposals: Path
-) -> Any:
-    """Check every input of the run before anything trains (:mod:`ovd.preflight`); raise listing all problems."""
-    from ovd.preflight import PreflightError, StoreNeed, preflight
-
-    made = []
-    if pipe.teacher:
-        from ovd.clip.teacher import teacher_path
-
-        made.append(teacher_path())
-    regions = any(c.model.distill.enabled or _reads_pseudo_labels(pipe, c) for c in configs)
-    stores = [StoreNeed(s.path, s.datasets, pipe.regions.k) for s in plans] if regions else []
-    report = preflight(
-        configs, [out], datasets=read, skip={pipe.pseudo_labels.name}, makes_tags=True, stores=stores,
-        proposals=proposals if regions else None, made=made,
-    )  # fmt: skip
-    if report.problems:
-        raise PreflightError(report.problems)
-    logger.info(
-        "pre-flight check passed in %.1f s (%s)",
-        report.seconds,
-        ", ".join(f"{k} {v} images" for k, v in report.images.items()),
-    )
-    return report
 
 
 def _demo(cfg: Config, stage_dir: Path, demo_dir: Path, pipe: PipelineCfg) -> Path:

@@ -237,3 +237,36 @@ def preflight(
         _check_writable(Path(folder), need.get(Path(folder), 0), report)
     report.seconds = round(time.perf_counter() - start, 2)
     return report
+
+
+def check_pipeline(
+    configs: Sequence[Config],
+    out: Path,
+    datasets: Iterable[str],
+    stores: Sequence[tuple[Path, tuple[str, ...]]],
+    proposals: Path | None,
+    *,
+    k: int,
+    skip: Iterable[str],
+    teacher: bool,
+) -> PreflightReport:
+    """:func:`preflight` of a pipeline run (it makes caption tags, its pseudo labels ``skip`` and, with
+    ``teacher``, the OV-Shapes CLIP teacher itself; ``stores``: (path, datasets) it will fill).
+
+    Raises:
+        PreflightError: listing every problem.
+    """
+    made = []
+    if teacher:
+        from ovd.clip.teacher import teacher_path
+
+        made.append(teacher_path())
+    needs = [StoreNeed(path, names, k) for path, names in stores]
+    report = preflight(
+        configs, [out], datasets=datasets, skip=skip, makes_tags=True, stores=needs, proposals=proposals, made=made
+    )
+    if report.problems:
+        raise PreflightError(report.problems)
+    images = ", ".join(f"{name} {n} images" for name, n in report.images.items())
+    logger.info("pre-flight check passed in %.1f s (%s)", report.seconds, images)
+    return report
