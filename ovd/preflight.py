@@ -209,10 +209,12 @@ def preflight(
     ids: dict[str, set[int]] = {}
     for name in sorted(names):
         try:
-            info = get_dataset(name)
+            info = get_dataset(name, prepare=False)
         except OVDError as e:
             report.problems.append(str(e))
             continue
+        if info.prepare is not None and not info.ann_file_path.is_file():
+            continue  # a built-in world, generated on first use
         if info.ann_type == "image" and "captions" in info.extra:
             _check_captions(info, report, makes_tags)
             if not info.ann_file_path.is_file():
@@ -221,7 +223,7 @@ def preflight(
     clip_dims: dict[tuple[str, str], int] = {}
     for cfg in configs:
         train = cfg.data.sources[0].dataset if cfg.data.sources else cfg.data.train
-        num_classes = get_dataset(train).num_classes if train in ids else 0
+        num_classes = get_dataset(train, prepare=False).num_classes if train in ids else 0
         _check_models(cfg, num_classes, report, clip_dims, {Path(m).resolve() for m in made})
     if proposals is not None and proposals.suffix == ".json" and not proposals.is_file():
         report.problems.append(f"regions.proposals: file not found: {proposals}")
