@@ -5,6 +5,9 @@ a recipe names the stage it starts from with ``init_stage``. Running a pipeline 
 finished stages (those with ``eval/metrics.json``) and resumes unfinished ones from their last
 checkpoint. With ``parallel_stages: N`` up to N stages whose start points are done train at once,
 each in its own process (stages are seeded, so the numbers are those of a sequential run).
+What the stages share (caption tags, one region store per image set, pseudo labels) is made by
+:mod:`ovd.prepare` and reused only when its provenance matches; a pre-flight check
+(:mod:`ovd.preflight`) of every input comes before anything trains; :mod:`ovd.smoke` cuts a run down.
 """
 
 from __future__ import annotations

@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nablation table: {args.output_dir}/ablation.json")
     for row in result["stages"]:
         print(f"{row['stage']}: {args.output_dir}/{row['stage']}/ (model_final.pth, eval/metrics.json, tensorboard/)")
+    for path, entry in result["region_stores"].items():
+        print(f"region store: {path} ({' + '.join(entry['datasets'])}; {entry['status']})")
+    for kind in ("caption_tags", "pseudo_labels"):
+        for path, status in result[kind].items():
+            print(f"{kind.replace('_', ' ')}: {path} ({status})")
     if "demo" in result:
         print(f"demo: {result['demo']}/ (annotated images, detections.json)")
     prepared = ", ".join(f"{k} {v:.0f} s" for k, v in result["prepare_time_s"].items())
