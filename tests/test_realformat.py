@@ -70,7 +70,7 @@ def test_coco_pipeline_smoke_runs_end_to_end(env, tmp_path):
     assert not tags.exists()  # nobody ran tools/tag_captions.py
     out = tmp_path / "out"
     args = ["--config-file", str(REPO / "configs/coco/pipeline.yaml"), "--output-dir", str(out), "--smoke"]
-    assert run_cli(_tool("run_pipeline").main, [*args, "--smoke-tiny"]) == 0
+    assert run_cli(_tool("run_pipeline").main, [*args, "--smoke-tiny", "--smoke-images", "12"]) == 0
     result = read_json(out / "ablation.json")
     assert [r["stage"] for r in result["stages"]] == ["base", "rkd", "pis", "rkd_pis", "rkd_pis_wt"]
     (store, entry), *others = result["region_stores"].items()
