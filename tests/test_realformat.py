@@ -203,3 +203,23 @@ def test_preflight_lists_every_problem_before_training(env, tmp_path, capsys):
                                                   "model.backbone.weights="]) == 0  # fmt: skip
     assert "pre-flight check passed" in capsys.readouterr().out
     assert out.is_dir() and not (out / "base").exists()  # checked, nothing trained
+
+
+def test_the_recipes_name_one_store_for_the_union_of_images(tmp_path, monkeypatch):
+    """Fix 2: the COCO recipes' RKD and RKD+PIS stores are one store, of the box and the caption images."""
+    from ovd.prepare import plan_stores
+
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
+    p = PseudoLabelsCfg(dataset="coco_captions_train", name="coco_captions_train_pseudo")
+    recipes = [(n, load_config(REPO / f"configs/coco/{n}.yaml")) for n in ("base", "rkd", "pis", "rkd_pis")]
+    main, own = plan_stores(p, "coco_ovd_train", recipes, tmp_path / "out")
+    assert own is None and main.path == tmp_path / "regions/coco_ovd_train_vitb32"
+    assert main.datasets == ("coco_ovd_train", "coco_captions_train")
+    other = load_config(REPO / "configs/coco/rkd_pis.yaml", [f"data.sources[1].region_store={tmp_path}/other"])
+    with pytest.raises(OVDError, match="different region stores for the same images.*other \\(stage x\\)"):
+        plan_stores(p, "coco_ovd_train", [*recipes, ("x", other)], tmp_path / "out")
+    lvis = PseudoLabelsCfg(dataset="imagenet_lvis", name="imagenet_lvis_pseudo", own_regions=True)
+    recipes = [(n, load_config(REPO / f"configs/lvis/{n}.yaml")) for n in ("rkd", "rkd_pis")]
+    main, own = plan_stores(lvis, "lvis_v1_train_norare", recipes, tmp_path / "out")
+    assert (main.path.name, main.datasets) == ("lvis_v1_train_norare_vitb32", ("lvis_v1_train_norare",))
+    assert (own.path.name, own.datasets) == ("imagenet_lvis_vitb32", ("imagenet_lvis",))
