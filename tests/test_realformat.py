@@ -70,7 +70,7 @@ def test_coco_pipeline_smoke_runs_end_to_end(env, tmp_path):
     assert not tags.exists()  # nobody ran tools/tag_captions.py
     out = tmp_path / "out"
     args = ["--config-file", str(REPO / "configs/coco/pipeline.yaml"), "--output-dir", str(out), "--smoke"]
-    assert run_cli(_tool("run_pipeline").main, [*args, "--smoke-tiny", "--smoke-images", "12"]) == 0
+    assert run_cli(_tool("run_pipeline").main, [*args, "--smoke-tiny", "--smoke-images", "8"]) == 0
     result = read_json(out / "ablation.json")
     assert [r["stage"] for r in result["stages"]] == ["base", "rkd", "pis", "rkd_pis", "rkd_pis_wt"]
     (store, entry), *others = result["region_stores"].items()
@@ -101,14 +101,14 @@ def test_lvis_pipeline_smoke_runs_end_to_end(env, tmp_path):
     try:
         out = tmp_path / "out"
         args = ["--config-file", str(REPO / "configs/lvis/pipeline.yaml"), "--output-dir", str(out), "--smoke"]
-        assert run_cli(_tool("run_pipeline").main, [*args, "--smoke-tiny", "--smoke-images", "10"]) == 0
+        assert run_cli(_tool("run_pipeline").main, [*args, "--smoke-tiny", "--smoke-images", "6"]) == 0
         result = read_json(out / "ablation.json")
         assert len(result["stages"]) == 5 and all("APr" in r for r in result["stages"])
         stores = {tuple(v["datasets"]): Path(k) for k, v in result["region_stores"].items()}
         assert set(stores) == {("lvis_v1_train_norare",), ("imagenet_lvis",)}
-        assert len(_store_ids(stores[("imagenet_lvis",)])) == 10  # every ImageNet-LVIS image of the smoke run
+        assert len(_store_ids(stores[("imagenet_lvis",)])) == 6  # every ImageNet-LVIS image of the smoke run
         pseudo = read_json(next(iter(result["pseudo_labels"])))
-        assert len(pseudo["images"]) == 10 and len(pseudo["annotations"]) == 10  # one box per image label
+        assert len(pseudo["images"]) == 6 and len(pseudo["annotations"]) == 6  # one box per image label
         norare = read_json(root / "lvis/lvis_v1_train_norare.json")
         rare = {c["id"] for c in norare["categories"] if c["frequency"] == "r"}
         assert rare and not {a["category_id"] for a in norare["annotations"]} & rare
