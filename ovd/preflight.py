@@ -225,6 +225,16 @@ def preflight(
         train = cfg.data.sources[0].dataset if cfg.data.sources else cfg.data.train
         num_classes = get_dataset(train, prepare=False).num_classes if train in ids else 0
         _check_models(cfg, num_classes, report, clip_dims, {Path(m).resolve() for m in made})
+    made_stores = {Path(s.path).resolve() for s in stores}
+    for cfg in configs:  # stores a distilling recipe reads must exist, unless this run makes them
+        if not cfg.model.distill.enabled:
+            continue
+        for store in {cfg.data.region_store, *(s.region_store for s in cfg.data.sources)} - {""}:
+            if Path(store).resolve() not in made_stores and not store_is_complete(store):
+                report.problems.append(
+                    f"region store {store} not found or unfinished; make it with tools/extract_region_embeddings.py "
+                    "(tools/run_pipeline.py makes its own)"
+                )
     if proposals is not None and proposals.suffix == ".json" and not proposals.is_file():
         report.problems.append(f"regions.proposals: file not found: {proposals}")
     need: dict[Path, int] = {}

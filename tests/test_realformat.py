@@ -223,3 +223,15 @@ def test_the_recipes_name_one_store_for_the_union_of_images(tmp_path, monkeypatc
     main, own = plan_stores(lvis, "lvis_v1_train_norare", recipes, tmp_path / "out")
     assert (main.path.name, main.datasets) == ("lvis_v1_train_norare_vitb32", ("lvis_v1_train_norare",))
     assert (own.path.name, own.datasets) == ("imagenet_lvis_vitb32", ("imagenet_lvis",))
+
+
+def test_preflight_finds_a_missing_region_store_of_train_net(env, tmp_path):
+    from ovd.preflight import preflight
+
+    tiny = ["clip.model=ovd-tiny-cnn", "clip.pretrained=", "model.backbone.weights=", f"data.region_store={tmp_path}/s"]
+    report = preflight([load_config(REPO / "configs/coco/rkd.yaml", tiny)], [tmp_path / "out"])
+    assert [p for p in report.problems if "region store" in p] == [
+        f"region store {tmp_path}/s not found or unfinished; make it with tools/extract_region_embeddings.py "
+        "(tools/run_pipeline.py makes its own)"
+    ]
+    assert report.images == {"coco_ovd_train": env["coco"]["seen_images"], "coco_ovd_val": env["coco"]["val_images"]}

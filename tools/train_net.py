@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from ovd.config import load_config
-from ovd.engine import distributed as dist
 from ovd.engine.trainer import evaluate_checkpoint, train
 from ovd.preflight import PreflightError, preflight
 from ovd.utils.cli import run_cli, setup_logging
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_config(args.config_file, args.overrides)
-    if not (args.no_preflight or args.eval_only) and dist.is_main_process():
+    if not (args.no_preflight or args.eval_only):  # every rank: all stop together, none waits for the others
         report = preflight([cfg], [Path(args.output_dir)])
         if report.problems:
             raise PreflightError(report.problems)
