@@ -3,11 +3,11 @@
 :func:`preflight` returns every problem found (not just the first): annotation files that are missing,
 do not parse or do not match their catalog entry (categories outside its vocabulary); images that do
 not exist (a stat of every listed image) or do not decode to the annotated size (a sample); captions
-files the caption-tag step reads; CLIP models and weights, backbone ImageNet weights and proposal files
-that do not resolve; precomputed text embeddings of the wrong shape; output folders that are not
-writable or lack the free space the region stores will take (estimated as ``N x K x (16 + 2 D + 1)``
-bytes plus 8 per image); a CUDA device asked for on a machine without one. :class:`PreflightError`
-lists them all on one line.
+files the caption-tag step reads; region stores a distilling recipe reads (unless the run makes
+them); CLIP models and weights, backbone ImageNet weights and proposal files that do not resolve;
+precomputed text embeddings of the wrong shape; output folders that are not writable or lack the free
+space the region stores will take (estimated as ``N x K x (16 + 2 D + 1)`` bytes plus 8 per image);
+a CUDA device asked for on a machine without one. :class:`PreflightError` lists them all on one line.
 """
 
 from __future__ import annotations
