@@ -34,7 +34,7 @@ class PreflightError(OVDError):
     """The pre-flight check found problems; ``problems`` lists them."""
 
     def __init__(self, problems: Sequence[str]):
-        self.problems = list(problems)
+        self.problems = list(dict.fromkeys(problems))  # stages sharing a setting report it once
         listed = " | ".join(f"({i + 1}) {p}" for i, p in enumerate(self.problems))
         super().__init__(f"pre-flight check: {len(self.problems)} problem(s), nothing was trained: {listed}")
 

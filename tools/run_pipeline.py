@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.preflight_only:
         report = result["preflight"]
-        stores = ", ".join(f"{k} ~{v / 1e9:.2f} GB" for k, v in report.store_bytes.items()) or "none to write"
+        stores = ", ".join(f"{k} ~{v / 1e6:,.1f} MB" for k, v in report.store_bytes.items()) or "none to write"
         print(f"pre-flight check passed in {report.seconds:.1f} s: {report.images} images; region stores: {stores}")
         return 0
     print(format_ablation(result["stages"]))
