@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ovd.errors import OVDError
@@ -379,27 +380,107 @@ def _merge(cfg: DictConfig, data: dict, source: str) -> DictConfig:
         key = getattr(e, "full_key", None)
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise OVDError(f"invalid value: {msg}", path=source, field=key) from e
+    except (TypeError, ValueError) as e:  # e.g. a mapping merged into a list
+        raise OVDError(f"invalid value: {str(e).splitlines()[0]}", path=source) from e
 
 
-def _parse_overrides(overrides: list[str]) -> dict:
-    out: dict = {}
+_CLI = "<command line>"
+_INDEX = re.compile(r"\[(\d+|\*)\]")
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """``data.sources[1].min_size`` (or ``data.sources.1.min_size``) → ``["data", "sources", 1, "min_size"]``;
+    ``[*]`` (every entry of a list) becomes ``-1``."""
+    parts: list[str | int] = []
+    for part in key.split("."):
+        m = re.fullmatch(r"([^\[\]]*)((?:\[(?:\d+|\*)\])*)", part)
+        if m is None or (not m.group(1) and not m.group(2)):
+            raise OVDError(f"malformed key {key!r} (write a.b, a.list[1].b or a.list[*].b)", path=_CLI, field=key)
+        name = m.group(1)
+        if name:
+            parts.append(int(name) if name.isdigit() else name)
+        parts += [-1 if i == "*" else int(i) for i in _INDEX.findall(m.group(2))]
+    return parts
+
+
+def _set_in(node: Any, parts: list[str | int], value: Any, key: str, where: str) -> None:
+    """Set ``value`` at ``parts`` inside plain containers; ``-1`` stands for every list entry."""
+    head, rest = parts[0], parts[1:]
+    if isinstance(head, int):
+        if not isinstance(node, list):
+            raise OVDError(f"{where} is not a list, so it cannot be indexed", path=_CLI, field=key)
+        if head >= len(node):
+            raise OVDError(f"index {head} out of range: {where} has {len(node)} entries", path=_CLI, field=key)
+        for i in range(len(node)) if head == -1 else [head]:
+            if rest:
+                _set_in(node[i], rest, value, key, f"{where}[{i}]")
+            else:
+                node[i] = value
+        return
+    if not isinstance(node, dict):
+        raise OVDError(f"{where} is not a mapping, so it has no key {head!r}", path=_CLI, field=key)
+    if rest:
+        _set_in(node.setdefault(head, {}), rest, value, key, f"{where}.{head}")
+    else:
+        node[head] = value
+
+
+def _parse_value(key: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise OVDError(f"cannot parse the value of {key!r}: {value!r}", path=_CLI) from e
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply ``key=value`` overrides in order. A key may index a list: ``data.sources[1].min_size=[320]``
+    (or ``data.sources.1.min_size``) changes one entry, ``data.sources[*].min_size=[320]`` every entry.
+
+    Raises:
+        OVDError: naming the key: not ``key=value``, an unknown key, an index out of range, a wrong type.
+    """
+    plain: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise OVDError(f"override {item!r} is not of the form key=value", path="<command line>")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            raise OVDError(f"override {item!r} is not of the form key=value", path=_CLI)
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = _key_parts(key)
+        value = _parse_value(key, text)
+        first = next((i for i, p in enumerate(parts) if isinstance(p, int)), None)
+        if first is None:
+            _set_in(plain, list(parts), value, key, "")
+            continue
+        if plain:  # earlier plain overrides first: overrides apply in order
+            cfg, plain = _merge(cfg, plain, _CLI), {}
+        if first == 0:
+            raise OVDError("a key cannot start with an index", path=_CLI, field=key)
+        list_key = ".".join(str(p) for p in parts[:first])
+        node = OmegaConf.select(cfg, list_key, default=None, throw_on_missing=False)
+        if not isinstance(node, ListConfig):
+            _check_keys(_nested(parts[:first], []), Config, "", _CLI)  # names an unknown key
+            raise OVDError(f"{list_key} is not a list, so it cannot be indexed", path=_CLI, field=key)
+        container = OmegaConf.to_container(node)
+        _set_in(container, parts[first:], value, key, list_key)
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError as e:
-            raise OVDError(f"cannot parse the value of {key!r}: {value!r}", path="<command line>") from e
+            cfg = _merge(cfg, _nested(parts[:first], container), _CLI)
+        except OVDError as e:
+            if e.field is None:  # an unknown key: the message names it
+                raise
+            raise OVDError(e.reason, path=_CLI, field=key) from e
+    return _merge(cfg, plain, _CLI) if plain else cfg
+
+
+def _nested(parts: list[str | int], value: Any) -> dict:
+    out: Any = value
+    for p in reversed(parts):
+        out = {p: out}
     return out
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config` from defaults, a YAML chain and ``key=value`` overrides.
+    """Build a :class:`Config` from defaults, a YAML chain and ``key=value`` overrides (see
+    :func:`_apply_overrides` for list entries).
 
     Raises:
         OVDError: a missing or malformed file, an unknown key, or a value of the wrong type.
@@ -409,7 +490,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         for file, data in _read_yaml(Path(path)):
             cfg = _merge(cfg, data, str(file))
     if overrides:
-        cfg = _merge(cfg, _parse_overrides(overrides), "<command line>")
+        cfg = _apply_overrides(cfg, overrides)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

@@ -6,10 +6,14 @@ finished stages (those with ``eval/metrics.json``) and resumes unfinished ones f
 checkpoint, when their recorded fingerprints match (else an error; ``--rerun-changed``). With
 ``parallel_stages: N`` up to N stages whose start points are done train at once, each in its own
 process (stages are seeded, so the numbers are those of a sequential run).
+What the stages share (caption tags, one region store per image set, pseudo labels) is made by
+:mod:`ovd.prepare` and reused only when its provenance matches; a pre-flight check
+(:mod:`ovd.preflight`) of every input comes before anything trains; :mod:`ovd.smoke` cuts a run down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -27,6 +31,18 @@ from ovd.config import Config, CustomDatasetCfg, _check_keys, load_config
 from ovd.data.catalog import get_dataset
 from ovd.data.custom import register_custom_datasets
 from ovd.errors import OVDError
+from ovd.preflight import check_pipeline
+from ovd.prepare import (
+    PseudoLabelsCfg,
+    RegionsCfg,
+    StorePlan,
+    ensure_caption_tags,
+    ensure_pseudo_labels,
+    ensure_store,
+    makes_caption_tags,
+    plan_stores,
+)
+from ovd.smoke import smoke_overrides
 from ovd.utils.io import write_json
 from ovd.utils.lock import holds_output_lock
 
@@ -43,29 +59,6 @@ class StageCfg:
     name: str = ""  # stage name: its output folder and how later recipes refer to it (init_stage)
     config: str = ""  # recipe file, relative to the pipeline file
     overrides: list[str] = field(default_factory=list)  # key=value overrides of the recipe
-
-
-@dataclass(frozen=True)
-class RegionsCfg:
-    """Class-agnostic regions + CLIP embeddings for region distillation (METHOD §3.1–§3.2)."""
-
-    proposals: str = ""  # stage whose final checkpoint proposes the regions, or a COCO results JSON ("" = none)
-    dataset: str = ""  # whose images ("" = the first stage's data.train); other sources must share its image ids
-    k: int = 5  # regions kept per image after class-agnostic NMS (distillation reads the first num_regions)
-    nms_thresh: float = 0.5  # class-agnostic NMS IoU
-    batch_size: int = 256  # crops per CLIP forward pass
-
-
-@dataclass(frozen=True)
-class PseudoLabelsCfg:
-    """Pseudo boxes for image-level labels (PIS, METHOD §4.2), scored by CLIP on the stored regions."""
-
-    dataset: str = ""  # image-label dataset (caption tags) to pseudo-label ("" = no PIS step)
-    name: str = ""  # catalog name the pseudo-labelled dataset is registered under (the recipes' sources use it)
-    score: str = "softmax"  # how a region is scored for a label: softmax (over the vocabulary) | cosine
-    threshold: float = 0.3  # a label keeps its best region only when that region's score exceeds this
-    logit_scale: float = 100.0  # softmax scale over the vocabulary (CLIP's learnt scale is 100)
-    own_regions: bool = False  # labels of other images than the regions dataset's (ImageNet): a store of their own
 
 
 @dataclass(frozen=True)
@@ -151,48 +144,13 @@ def _proposal_stage(pipe: PipelineCfg) -> str | None:
     return p if p and not p.endswith(".json") else None
 
 
-def ensure_regions(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path, dataset: str) -> Path:
-    """Extract (or finish extracting) the region ``store`` of ``dataset`` with ``cfg``'s CLIP."""
-    from ovd.clip import create_clip
-    from ovd.data.coco import load_dataset
-    from ovd.distill.extract import extract_region_embeddings
-    from ovd.distill.proposals import build_proposal_source
-    from ovd.distill.store import store_is_complete
-    from ovd.engine.distributed import local_device
-
-    if store_is_complete(store):
-        return store
-    r = pipe.regions
-    if not r.proposals:
-        raise OVDError("a stage distils regions but the pipeline names no proposal source", field="regions.proposals")
-    stage = _proposal_stage(pipe)
-    spec = output_dir / stage / "model_final.pth" if stage else Path(r.proposals)
-    device = local_device(cfg.device)  # the stage's device runs the proposer and CLIP too
-    source = build_proposal_source(
-        spec, min_size=cfg.input.min_size_test, max_size=cfg.input.max_size_test, device=device
-    )
-    clip = create_clip(cfg.clip.model, cfg.clip.pretrained or None, device=device)
-    logger.info("extracting %d regions per image of %s with %s", r.k, dataset, spec)
-    return extract_region_embeddings(
-        load_dataset(get_dataset(dataset)),
-        source,
-        clip,
-        store,
-        k=r.k,
-        nms_thresh=r.nms_thresh,
-        batch_size=r.batch_size,
-        num_workers=cfg.data.num_workers,
-        dataset_name=dataset,
-    )
-
-
 def pseudo_labels_path(output_dir: Path, name: str) -> Path:
     return output_dir / "pseudo_labels" / f"{name}.json"
 
 
 def register_pseudo_dataset(pipe: PipelineCfg, output_dir: Path) -> None:
     """Register ``pseudo_labels.name``: the images of ``pseudo_labels.dataset`` with the pipeline's
-    pseudo-label file (written later by :func:`ensure_pseudo_labels`)."""
+    pseudo-label file (written later by :func:`ovd.prepare.ensure_pseudo_labels`)."""
     from ovd.data.catalog import register_dataset
 
     p = pipe.pseudo_labels
@@ -205,24 +163,6 @@ def register_pseudo_dataset(pipe: PipelineCfg, output_dir: Path) -> None:
     register_dataset(
         replace(source, name=p.name, ann_file=str(path.resolve()), ann_type="pseudo", prepare=None), overwrite=True
     )
-
-
-def ensure_pseudo_labels(pipe: PipelineCfg, cfg: Config, store: Path, output_dir: Path) -> Path:
-    """Write the pseudo boxes of ``pseudo_labels.dataset`` from the region ``store`` (once)."""
-    from ovd.pis.pseudo_labels import ClipScoredProposals, generate_pseudo_labels
-
-    p = pipe.pseudo_labels
-    path = pseudo_labels_path(output_dir, p.name)
-    if path.is_file():
-        return path
-    info = get_dataset(p.dataset)
-    from ovd.engine.vocabulary import class_embeddings
-
-    emb = class_embeddings(cfg.clip, info.class_names, output_dir / "pseudo_labels")
-    source = ClipScoredProposals(store, emb, score=p.score, threshold=p.threshold, logit_scale=p.logit_scale)
-    logger.info("pseudo-labelling %s from %s (%s > %g)", p.dataset, store, p.score, p.threshold)
-    generate_pseudo_labels(info, source, path)
-    return path
 
 
 def is_finished(stage_dir: Path) -> bool:
@@ -330,6 +270,8 @@ def run_pipeline(
     *,
     parallel_stages: int | None = None,
     rerun_changed: bool = False,
+    smoke: int = 0,
+    preflight_only: bool = False,
 ) -> dict[str, Any]:
     """Run every stage of a pipeline file; returns ``{"stages": [rows], "prepare_time_s": {step: s},
     "demo": path, "wall_time_s": t}`` (rows: :func:`stage_row`, in the file's order; ``prepare_time_s``:
@@ -342,11 +284,34 @@ def run_pipeline(
     this process. The ``parallel_stages`` argument, when given, replaces the file's value. The output
     folder is locked; ``rerun_changed``: see :func:`ovd.engine.fingerprint.check_reuse`.
 
+    A pre-flight check (:mod:`ovd.preflight`) of every input comes first; ``preflight_only`` returns
+    ``{"preflight": report}`` after it. ``smoke``: images per dataset of a smoke run (:mod:`ovd.smoke`;
+    0 = a real run); its catalog entries are restored at the end.
+
     Raises:
         OVDError: a bad pipeline file, an ``init_stage`` that is not a stage, a dependency cycle, a stage
             folder made with other settings, another run in ``output_dir``, or a stage process that
-            failed (after the other running stages finish; a rerun resumes them).
+            failed (after the other running stages finish; a rerun resumes them),
+            :class:`ovd.preflight.PreflightError` listing every problem the pre-flight check found.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _run_pipeline(
+            pipeline_file, output_dir, overrides, cleanup, parallel_stages=parallel_stages, smoke=smoke,
+            preflight_only=preflight_only, rerun_changed=rerun_changed,
+        )  # fmt: skip
+
+
+def _run_pipeline(
+    pipeline_file: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    overrides: list[str] | None,
+    cleanup: contextlib.ExitStack,
+    *,
+    parallel_stages: int | None,
+    smoke: int,
+    preflight_only: bool,
+    rerun_changed: bool,
+) -> dict[str, Any]:
     from ovd.engine import fingerprint, trainer
 
     start = time.perf_counter()
@@ -356,13 +321,23 @@ def run_pipeline(
     if parallel_stages is not None:
         _check_parallel_stages(parallel_stages)
         pipe = replace(pipe, parallel_stages=parallel_stages)
+    if smoke:  # every stage, a few images and iterations, in this process (the subsets live in its catalog)
+        overrides = [*smoke_overrides(), *(overrides or [])]
+        p = pipe.pseudo_labels
+        pipe = replace(
+            pipe, parallel_stages=1, pseudo_labels=replace(p, threshold=0.0), demo_images=min(pipe.demo_images, 1)
+        )
     first = load_config(pipeline_file.parent / pipe.stages[0].config, [*pipe.stages[0].overrides, *(overrides or [])])
-    regions_dataset = pipe.regions.dataset or first.data.train
-    store = regions_path(out, regions_dataset)
+    regions_dataset = pipe.regions.dataset or (
+        first.data.sources[0].dataset if first.data.sources else first.data.train
+    )
     p = pipe.pseudo_labels
-    pseudo_store = regions_path(out, p.dataset) if p.dataset and p.own_regions else None  # regions of their own
-    own = {p.name: pseudo_store} if pseudo_store else {}
-    configs = [stage_config(pipeline_file, s, out, overrides or [], store, own) for s in pipe.stages]
+    recipes = [
+        (s.name, load_config(pipeline_file.parent / s.config, [*s.overrides, *(overrides or [])])) for s in pipe.stages
+    ]
+    main_plan, own_plan = plan_stores(p, regions_dataset, recipes, out / "regions")
+    own = {p.name: own_plan.path} if own_plan else {}
+    configs = [stage_config(pipeline_file, s, out, overrides or [], main_plan.path, own) for s in pipe.stages]
     custom = _all_custom_datasets(list(pipe.stages), configs)
     register_custom_datasets(custom)  # before anything reads the catalog
     register_pseudo_dataset(pipe, out)
@@ -374,8 +349,24 @@ def run_pipeline(
             )
     prep_times: dict[str, float] = {}  # seconds spent in this run on what the stages share
     t = time.perf_counter()
-    for name in {d for c in configs for d in _stage_datasets(c)} - {pipe.pseudo_labels.name}:
-        get_dataset(name)  # generates the built-in synthetic data on first use
+    summary: dict[str, dict[str, Any]] = {"caption_tags": {}, "region_stores": {}, "pseudo_labels": {}}
+    read = {d for c in configs for d in _stage_datasets(c)} | set(main_plan.datasets) | {p.dataset}
+    if smoke:
+        from ovd.smoke import register_subsets
+
+        cleanup.enter_context(register_subsets(sorted(read - {p.name, ""}), out / "smoke" / "data", smoke))
+    proposer = _proposal_stage(pipe)
+    proposals = out / proposer / "model_final.pth" if proposer else Path(pipe.regions.proposals)
+    regions = any(c.model.distill.enabled or _reads_pseudo_labels(pipe, c) for c in configs)
+    plans = [main_plan, *([own_plan] if own_plan else [])] if regions else []
+    report = check_pipeline(configs, out, read, [(s.path, s.datasets) for s in plans], proposals if regions else None,
+                            k=pipe.regions.k, skip={p.name}, teacher=pipe.teacher)  # fmt: skip
+    if preflight_only:
+        return {"preflight": report}
+    for name in sorted(read - {p.name, ""}):
+        info = get_dataset(name)  # generates the built-in synthetic data on first use
+        if makes_caption_tags(info) and info.prepare is None:  # before training: the tags step of the recipe
+            summary["caption_tags"][str(info.ann_file_path)] = ensure_caption_tags(info)
     prep_times["data"] = round(time.perf_counter() - t, 1)
     if pipe.teacher:
         from ovd.clip.teacher import ensure_teacher
@@ -400,23 +391,26 @@ def run_pipeline(
         finally:
             torch.set_num_threads(threads)
 
+    def ensure(plan: StorePlan, cfg: Config, key: str) -> Path:
+        """Check or extract a store once per run; every store is listed in the run summary."""
+        if str(plan.path) not in summary["region_stores"]:
+            t = time.perf_counter()
+            status = ensure_store(plan, pipe.regions, cfg, proposals)
+            spent = round(time.perf_counter() - t, 1)
+            prep_times.setdefault(key, spent)
+            summary["region_stores"][str(plan.path)] = {"datasets": list(plan.datasets), "status": status}
+        return plan.path
+
     def _prepare(cfg: Config) -> None:
         pseudo = _reads_pseudo_labels(pipe, cfg)
-        # a recipe may name its own store (e.g. under $OVD_DATASETS); the pipeline fills it there
-        named = (cfg.data.sources[0].region_store if cfg.data.sources else cfg.data.region_store) or None
-        stage_store = Path(named) if cfg.model.distill.enabled and named else store
         if cfg.model.distill.enabled or pseudo:
+            store = ensure(main_plan, cfg, "regions")
+        if pseudo and own_plan is not None:  # regions of the labelled images themselves
+            store = ensure(own_plan, cfg, "pseudo_regions")
+        path = pseudo_labels_path(out, p.name)
+        if pseudo and str(path) not in summary["pseudo_labels"]:
             t = time.perf_counter()
-            ensure_regions(pipe, cfg, stage_store, out, regions_dataset)
-            prep_times.setdefault("regions", round(time.perf_counter() - t, 1))
-        if pseudo and pseudo_store:  # regions of the labelled images themselves
-            stage_store = pseudo_store
-            t = time.perf_counter()
-            ensure_regions(pipe, cfg, stage_store, out, pipe.pseudo_labels.dataset)
-            prep_times.setdefault("pseudo_regions", round(time.perf_counter() - t, 1))
-        if pseudo:
-            t = time.perf_counter()
-            ensure_pseudo_labels(pipe, cfg, stage_store, out)
+            summary["pseudo_labels"][str(path)] = ensure_pseudo_labels(p, cfg, store, path, out / "pseudo_labels")
             prep_times.setdefault("pseudo_labels", round(time.perf_counter() - t, 1))
 
     def needs_regions(cfg: Config) -> bool:
@@ -473,7 +467,7 @@ def run_pipeline(
     from ovd.utils.io import read_json
 
     rows = [stage_row(n, read_json(out / n / "eval" / "metrics.json"), times[n]) for n in names]
-    result: dict[str, Any] = {"stages": rows, "prepare_time_s": prep_times}
+    result: dict[str, Any] = {"stages": rows, "prepare_time_s": prep_times, **summary}
     if pipe.demo_images > 0:
         result["demo"] = str(_demo(configs[-1], out / pipe.stages[-1].name, out / "demo", pipe))
     result["wall_time_s"] = round(time.perf_counter() - start, 1)

@@ -116,10 +116,14 @@ def test_parallel_stages_give_the_sequential_numbers(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), stage
 
     spec = yaml.safe_load((parallel_dir / "pipeline.yaml").read_text())
-    spec["stages"].insert(
-        1, {**spec["stages"][0], "name": "broken", "overrides": [*FAST, "init_weights=/nonexistent.pth"]}
-    )
+    garbage = parallel_dir / "garbage.pth"  # exists (the pre-flight check passes), but is no checkpoint
+    garbage.write_text("not a checkpoint")
+    spec["stages"].insert(1, {**spec["stages"][0], "name": "broken", "overrides": [*FAST, f"init_weights={garbage}"]})
     (parallel_dir / "broken.yaml").write_text(yaml.safe_dump(spec))
+    spec["stages"][1]["overrides"][-1] = "init_weights=/nonexistent.pth"
+    (parallel_dir / "missing.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OVDError, match=r"pre-flight check: 1 problem.*init_weights: file not found: /nonexistent.pth"):
+        run_pipeline(parallel_dir / "missing.yaml", parallel_dir / "out")
     with pytest.raises(OVDError, match=r"stage\(s\) broken failed"):
         run_pipeline(parallel_dir / "broken.yaml", parallel_dir / "out")
     assert not (parallel_dir / "out" / "broken" / "model_final.pth").exists()

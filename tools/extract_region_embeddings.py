@@ -21,7 +21,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="store directory (.npy arrays + meta.json)")
     p.add_argument("--merge", action="store_true", help="only join the finished shards' parts in --output")
-    p.add_argument("--dataset", help="registered dataset name, e.g. coco_ovd_train")
+    p.add_argument(
+        "--dataset", action="append", help="registered dataset name, e.g. coco_ovd_train; repeated: the union of "
+        "their images (e.g. coco_ovd_train and coco_captions_train, as the OV-COCO pipeline extracts)",
+    )  # fmt: skip
     p.add_argument("--proposals", help="a trained ovd checkpoint (.pth) or a COCO results JSON of class-agnostic boxes")
     p.add_argument("--clip-model", help="open_clip architecture, e.g. ViT-B-32")
     p.add_argument("--clip-pretrained", help="open_clip tag (openai) or checkpoint path; omitted: random init (tests)")
@@ -67,12 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"region store: {merge_store(args.output)}")
         return 0
     from ovd.clip import create_clip
-    from ovd.data.catalog import get_dataset
-    from ovd.data.coco import load_dataset
     from ovd.engine.distributed import local_device
+    from ovd.prepare import union_records
 
-    info = get_dataset(args.dataset)
-    records = load_dataset(info)
+    records, name = union_records(args.dataset)
     device = local_device(args.device)
     source = build_proposal_source(args.proposals, min_size=args.min_size, max_size=args.max_size, device=device)
     if not args.clip_pretrained:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     out = extract_region_embeddings(
         records, source, clip, args.output, k=args.k, nms_thresh=args.nms, batch_size=args.batch_size,
         num_workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
-        chunk_size=args.chunk_size, dataset_name=info.name, progress=not args.no_progress,
+        chunk_size=args.chunk_size, dataset_name=name, progress=not args.no_progress,
         resize_backend=args.resize_backend, crop_dtype=args.crop_dtype,
     )  # fmt: skip
     done = "complete" if store_is_complete(out) else "waiting for the other shards (then --merge)"

@@ -70,18 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     table = None
+    if args.dataset and not args.categories:  # the catalog entry's vocabulary: the file records its provenance
+        from ovd.data.catalog import get_dataset
+        from ovd.prepare import make_caption_tags, makes_caption_tags
+
+        info = get_dataset(args.dataset)  # generates a built-in world when missing
+        if not makes_caption_tags(info):
+            raise OVDError(f"dataset {args.dataset!r} names no captions file", field="--dataset")
+        given = args.synonyms if args.synonyms in SYNONYM_TABLES else _synonyms(args.synonyms, None)
+        data = make_caption_tags(
+            info, args.output, synonyms=given, plurals=not args.no_plurals, longest_match=not args.no_longest_match
+        )
+        logger.info("%d tagged images -> %s", len(data["images"]), args.output or info.ann_file_path)
+        return 0
     if args.dataset:
         from ovd.data.catalog import get_dataset
 
-        info = get_dataset(args.dataset)  # generates a built-in world when missing
+        info = get_dataset(args.dataset)
         if "captions" not in info.extra:
             raise OVDError(f"dataset {args.dataset!r} names no captions file", field="--dataset")
         captions_path = str(info.resolve(info.extra["captions"]))
-        categories = (
-            _categories(args.categories)
-            if args.categories
-            else [{"id": c, "name": n} for c, n in zip(info.category_ids, info.class_names, strict=True)]
-        )
+        categories = _categories(args.categories)
         output = args.output or str(info.ann_file_path)
         table = info.extra.get("synonyms")
     else:

@@ -62,9 +62,8 @@ from ovd.distill.store import (
     STORE_FORMAT,
     STORE_VERSION,
     MergeInProgressError,
-    RegionStore,
     check_part,
-    content_key,
+    check_store,
     expected_parts,
     image_ids_sha256,
     merge_store,
@@ -1053,9 +1052,7 @@ def extract_region_embeddings(
         return meta_cache
 
     if store_is_complete(out):
-        found = RegionStore.open(out).metadata
-        if content_key(found) != content_key(metadata()):
-            raise OVDError("holds a finished region store of a different extraction; choose another output", path=out)
+        check_store(out, metadata())
         logger.info("region store %s is already complete", out)
         return out
     layout = {"num_shards": num_shards, "chunk_size": chunk_size}

@@ -423,6 +423,22 @@ def check_part(path: Path, expected: dict[str, Any]) -> None:
         )
 
 
+def check_store(path: str | os.PathLike[str], expected: dict[str, Any]) -> None:
+    """Raise unless the complete store at ``path`` was made by the extraction ``expected`` describes (same
+    content key: CLIP model and weights, proposals, images, K, NMS, crop preprocessing).
+
+    Raises:
+        OVDError: naming the store and the first differing entries.
+    """
+    a, b = content_key(RegionStore.open(path).metadata), content_key(expected)
+    if a != b:
+        raise OVDError(
+            f"holds a finished region store of a different extraction ({_describe_mismatch(a, b)}); choose "
+            "another output, or delete the store to extract it again",
+            path=path,
+        )
+
+
 def expected_parts(store: str | os.PathLike[str], num_images: int, num_shards: int, chunk_size: int) -> list[Path]:
     """Every part file a finished extraction with this layout has, in image order."""
     return [

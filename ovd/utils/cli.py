@@ -27,13 +27,17 @@ def close_progress_bars() -> None:
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run ``main``; an :class:`OVDError` becomes one ``error: …`` line on stderr (on a new line, below
-    any progress bar) and exit code 2."""
+    any progress bar) and exit code 2, a diverged training (``FloatingPointError``: a NaN or infinite loss,
+    whose message says what to change) one ``error: …`` line and exit code 3."""
     try:
         return int(main(argv) or 0)
     except OVDError as e:
         close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         close_progress_bars()
         print("interrupted", file=sys.stderr)
