@@ -321,8 +321,8 @@ def convert_state_dict(
     if ZS_WEIGHT not in state:
         raise OVDError(f"no {ZS_WEIGHT}: not a zero-shot detectron2 model", path=source)
     vocab = _vocabulary(state[ZS_WEIGHT], preset, source)
-    model = build_model(cfg, class_embeddings=vocab["embeddings"])
-    own = model.state_dict()
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        own = build_model(cfg, class_embeddings=vocab["embeddings"].to("meta")).state_dict()
     rules = _rules(preset)
     out: dict[str, Tensor] = {}
     unmapped, shapes = [], []

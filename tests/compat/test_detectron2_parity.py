@@ -196,7 +196,7 @@ def check_masks(det, fix, name: str, size: tuple[int, int], model_paste: str) ->
 @pytest.mark.parametrize(
     ("arch", "preset", "images"),
     [
-        ("c4", "ovd_coco_r50_c4", IMAGES),
+        ("c4", "ovd_coco_r50_c4", IMAGES[:1]),  # chelsea: test_converted_file_in_predictor
         ("c4_wt", "ovd_coco_r50_c4_wt", IMAGES[1:]),
         ("fpn_mask", "ovd_lvis_r50_fpn_mask", IMAGES[:1]),
     ],
