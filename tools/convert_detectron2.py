@@ -6,8 +6,9 @@ Example:
 
 The preset is detected from the file's keys unless --preset is given (--list-presets shows them). The
 output holds the weights, the detectron2-compatible config and the classifier's vocabulary (COCO's 80 or
-LVIS's 1203 class names), and loads in Predictor, tools/demo.py, tools/train_net.py --eval-only,
-tools/export_onnx.py and as init_weights.
+LVIS's 1203 class names), and loads in Predictor, tools/demo.py, tools/export_onnx.py and as init_weights;
+its config is also written beside it (OUTPUT with .yaml) for tools/train_net.py --eval-only:
+    python tools/train_net.py --config-file models/coco_ovd_wt.yaml --eval-only --weights models/coco_ovd_wt.pth
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ovd.compat.detectron2 import PRESETS, convert
+    from ovd.config import config_from_yaml, save_config
     from ovd.engine.checkpoint import save_checkpoint
     from ovd.errors import OVDError
 
@@ -46,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         raise OVDError("--output would overwrite the input file", path=args.output)
     state = convert(args.input, args.preset, args.overrides)
     save_checkpoint(args.output, state)
+    config_file = Path(args.output).with_suffix(".yaml")
+    save_config(config_from_yaml(state["config"]), config_file)
     vocab = state["vocabulary"]
     print(f"{args.input} ({state['detectron2_preset']}, {len(state['model'])} tensors, "
-          f"{len(vocab['class_names'])} classes) → {args.output}")  # fmt: skip
+          f"{len(vocab['class_names'])} classes) → {args.output} (config: {config_file})")  # fmt: skip
     return 0
 
 

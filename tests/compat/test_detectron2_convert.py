@@ -21,7 +21,7 @@ from ovd.compat.detectron2 import (
     detect_preset,
     read_detectron2_checkpoint,
 )
-from ovd.config import config_from_yaml
+from ovd.config import config_from_yaml, load_config
 from ovd.errors import OVDError
 from ovd.modeling.build import build_model
 
@@ -147,6 +147,7 @@ def test_converted_file_in_predictor(tmp_path, capsys):
     overrides = [f"model.rpn.post_nms_top_n_test={int(fix['post_nms_topk'])}", "input.min_size_test=300"]
     assert run_cli(tool.main, ["--input", str(d2_file), "--output", str(out), *overrides]) == 0
     assert "ovd_coco_r50_c4" in capsys.readouterr().out
+    assert load_config(out.with_suffix(".yaml")).model.input_format == "BGR"  # the config for --eval-only
     predictor = Predictor(out, device="cpu")
     got = predictor(parity._photo("chelsea").permute(1, 2, 0).numpy())  # 300 x 451: the test scale, no resize
     ref = Prediction(
@@ -156,3 +157,19 @@ def test_converted_file_in_predictor(tmp_path, capsys):
     assert matched_detections(ref, got, score_tol=1e-4, iou_min=0.999) == len(ref)
     assert got.names[0] == class_names("coco")[int(got.labels[0])]
     assert run_cli(tool.main, ["--input", str(d2_file), "--output", str(d2_file)]) == 2  # never overwrites the input
+
+
+def test_fine_tuning_recipe_has_the_preset_model_options():
+    """configs/coco/rkd_from_detectron2.yaml (RKD from the released base model) builds the converted model."""
+    recipe = load_config(Path(__file__).parents[2] / "configs/coco/rkd_from_detectron2.yaml")
+    preset = PRESETS["ovd_coco_r50_c4"]
+    want = load_config(None, list(preset.overrides)).model
+    for item in preset.overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("model."):
+            path = key.split(".")[1:]
+            got_v, want_v = recipe.model, want
+            for part in path:
+                got_v, want_v = getattr(got_v, part), getattr(want_v, part)
+            assert got_v == want_v, key
+    assert recipe.model.distill.enabled and recipe.init_weights
