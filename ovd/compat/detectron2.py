@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from ovd.config import Config, config_to_yaml, load_config
+from ovd.data.builtin import COCO_CATEGORIES
 from ovd.errors import OVDError
 from ovd.modeling.build import build_model
 
-CLASS_NAMES_FILE = Path(__file__).resolve().parent.parent / "data" / "metadata" / "detectron2_class_names.json"
+CLASS_NAMES_FILE = Path(__file__).resolve().parent.parent / "data" / "metadata" / "lvis_v1_class_names.json"
 
 # detectron2's caffe-style input: BGR, 0-255, mean of the MSRA ImageNet weights, std 1
 D2_PIXEL_MEAN = [103.530, 116.280, 123.675]
@@ -241,7 +242,10 @@ def detect_preset(keys: set[str] | Mapping[str, Any]) -> Preset:
 
 
 def class_names(dataset: str) -> list[str]:
-    """The class names, in category-id order, of ``"coco"`` (80) or ``"lvis_v1"`` (1203)."""
+    """The class names, in category-id order, of ``"coco"`` (80: the catalog's, so that ``--eval-only`` on
+    ``coco_ovd_val`` reuses the stored embeddings) or ``"lvis_v1"`` (1203, raw LVIS names)."""
+    if dataset == "coco":
+        return [name for _, name in COCO_CATEGORIES]
     with open(CLASS_NAMES_FILE) as f:
         return list(json.load(f)[dataset])
 

@@ -72,7 +72,10 @@ def test_full_size_keys_convert_and_load_strictly(arch):
 
 
 def test_class_names_in_id_order():
+    from ovd.data.catalog import get_dataset
+
     coco, lvis = class_names("coco"), class_names("lvis_v1")
+    assert coco == list(get_dataset("coco_ovd_val", prepare=False).class_names)  # --eval-only reuses the embeddings
     assert len(coco) == 80 and coco[0] == "person" and coco[-1] == "toothbrush" and len(set(coco)) == 80
     assert len(lvis) == 1203 and lvis[0] == "aerosol_can" and lvis[-1] == "zucchini" and len(set(lvis)) == 1203
 
