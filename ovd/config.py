@@ -52,8 +52,9 @@ class BackboneCfg:
     name: str = "resnet50_c4"  # resnet50_c4 | resnet50_fpn | resnet18_fpn | tiny_fpn
     norm: str = "frozen_bn"  # frozen_bn | bn | gn: normalisation layers of the ResNet trunk
     freeze_at: int = 2  # 0 = train all; 1 = freeze stem; 2 = stem + res2 (detectron2 FREEZE_AT)
-    # ImageNet initialisation: "" (random), a local torchvision-format state_dict file, or
-    # "torchvision" (torchvision's IMAGENET1K_V1 weights, which must already be in the torch cache).
+    # ImageNet initialisation: "" (random), a local torchvision-format state_dict file, detectron2's MSRA
+    # "R-50.pkl" (a *.pkl path; use with stride_in_1x1 and BGR input), or "torchvision" (torchvision's
+    # IMAGENET1K_V1 weights, which must already be in the torch cache).
     weights: str = ""
     fpn_channels: int = 256  # FPN output channels (FPN backbones only)
     fpn_min_level: int = 2  # finest FPN level: 2 = p2..p6 (stride 4, METHOD §1.4), 3 = p3..p6 (cheaper)

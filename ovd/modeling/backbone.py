@@ -25,6 +25,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ovd.errors import OVDError
+from ovd.modeling.msra import load_msra_resnet
 
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "frozen_bn": FrozenBatchNorm2d,
@@ -59,6 +60,8 @@ def _load_weights(model: nn.Module, weights: str, arch: str) -> None:
                 "download them once or pass a local file",
                 field="model.backbone.weights",
             ) from e
+    elif weights.endswith(".pkl"):  # detectron2's MSRA ImageNet weights (R-50.pkl): a restricted unpickler
+        state = load_msra_resnet(weights)
     else:
         path = Path(weights)
         if not path.is_file():

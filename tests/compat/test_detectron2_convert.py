@@ -151,6 +151,7 @@ def test_converted_file_in_predictor(tmp_path, capsys):
     assert run_cli(tool.main, ["--input", str(d2_file), "--output", str(out), *overrides]) == 0
     assert "ovd_coco_r50_c4" in capsys.readouterr().out
     assert load_config(out.with_suffix(".yaml")).model.input_format == "BGR"  # the config for --eval-only
+    assert set(torch.load(out, weights_only=True)) == {"model", "config", "vocabulary", "detectron2_preset"}  # plain
     predictor = Predictor(out, device="cpu")
     got = predictor(parity._photo("chelsea").permute(1, 2, 0).numpy())  # 300 x 451: the test scale, no resize
     ref = Prediction(
