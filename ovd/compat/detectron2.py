@@ -110,9 +110,7 @@ class Preset:
     description: str
     overrides: tuple[str, ...]  # config overrides on top of the schema defaults
     dataset: str  # "coco" | "lvis_v1": whose class names the stored zs_weight rows follow
-    fpn: bool
-    weight_transfer: bool
-    use_bias: bool
+    fpn: bool  # Mask R-CNN R50-FPN (else Faster R-CNN R50-C4)
 
 
 def _preset(
@@ -120,7 +118,7 @@ def _preset(
 ) -> Preset:
     fpn = arch is _FPN_MASK
     overrides = (*_COMMON, *arch, f"model.classifier.weight_transfer={str(wt).lower()}", *extra)
-    return Preset(name, description, overrides, dataset, fpn=fpn, weight_transfer=wt, use_bias=fpn)
+    return Preset(name, description, overrides, dataset, fpn=fpn)
 
 
 _REF = "object-centric-ovd"
@@ -163,7 +161,7 @@ IGNORED = re.compile(
     r"|proposal_generator\.anchor_generator\.cell_anchors\.\d+)$"
 )
 
-# (detectron2 key pattern, ovd replacement), tried in order; {R} is the ResNet prefix of the preset
+# (detectron2 key pattern, ovd replacement), tried in order
 _BLOCK = [
     (r"(\d+)\.conv(\d)\.weight", r"\1.conv\2.weight"),
     (r"(\d+)\.conv(\d)\.norm\.(\w+)", r"\1.bn\2.\3"),
