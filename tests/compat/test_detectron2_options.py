@@ -129,6 +129,7 @@ def test_grid_paste_covers_exactly_the_box_pixels():
         paste(ones, torch.zeros(1, 4), (4, 4), "caffe")
 
 
+@pytest.mark.slow  # torch.export of a detector: ~25 s of the ~60 s that tests/compat takes on 2 idle cores
 def test_detectron2_options_export_to_onnx(tmp_path):
     """BGR, no padding, detectron2 anchors, NMS on logits and the aligned FPN pooler: the exported graph gives
     PyTorch's detections at a size it was not traced with (masks export as before: tests/test_export.py)."""
