@@ -53,12 +53,16 @@ class BackboneCfg:
     name: str = "resnet50_c4"  # resnet50_c4 | resnet50_fpn | resnet18_fpn | tiny_fpn
     norm: str = "frozen_bn"  # frozen_bn | bn | gn: normalisation layers of the ResNet trunk
     freeze_at: int = 2  # 0 = train all; 1 = freeze stem; 2 = stem + res2 (detectron2 FREEZE_AT)
-    # ImageNet initialisation: "" (random), a local torchvision-format state_dict file, or
-    # "torchvision" (torchvision's IMAGENET1K_V1 weights, which must already be in the torch cache).
+    # ImageNet initialisation: "" (random), a local torchvision-format state_dict file, detectron2's MSRA
+    # "R-50.pkl" (a *.pkl path; use with stride_in_1x1 and BGR input), or "torchvision" (torchvision's
+    # IMAGENET1K_V1 weights, which must already be in the torch cache).
     weights: str = ""
     fpn_channels: int = 256  # FPN output channels (FPN backbones only)
     fpn_min_level: int = 2  # finest FPN level: 2 = p2..p6 (stride 4, METHOD §1.4), 3 = p3..p6 (cheaper)
     tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tiny_fpn stage widths
+    # MSRA/caffe ResNet (detectron2 STRIDE_IN_1X1): a downsampling bottleneck strides in its first 1x1
+    # conv, not in the 3x3 (torchvision's "v1.5"); the weights are the same shapes, the features are not.
+    stride_in_1x1: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,14 @@ class RPNCfg:
     nms_thresh: float = 0.7  # NMS IoU on proposals
     smooth_l1_beta: float = 0.0  # RPN box loss beta; 0 = L1 (detectron2), torchvision uses 1/9
     loss_weight: float = 1.0  # multiplies both RPN losses
+    # torchvision: cell anchors rounded to integers, ratio-major order, strides inferred from the padded
+    # image; detectron2: unrounded cell anchors, size-major order, the fixed strides of the backbone
+    # levels, offset 0 (ovd.modeling.anchors). The order is the RPN head's anchor channel order.
+    anchor_style: str = "torchvision"  # torchvision | detectron2
+    # rank proposals for NMS by objectness logits (detectron2) instead of sigmoid probabilities (torchvision),
+    # which float32 rounds into ties above a logit of about 5
+    nms_on_logits: bool = False
+    min_size: float = 1e-3  # proposals narrower or lower than this (px) are dropped; 0 = keep all non-empty (d2)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class RoIHeadsCfg:
     pooler_resolution: int = 14  # RoIAlign output size (C4: 14, FPN: 7)
     pooler_sampling_ratio: int = 0  # RoIAlign sampling points per bin (0 = adaptive)
     pooler_aligned: bool = True  # half-pixel alignment (ROIAlignV2); C4 only, FPN pooler is unaligned
+    fpn_pooler_aligned: bool = False  # half-pixel alignment of the FPN box and mask poolers (d2 ROIAlignV2)
     # FPN level assignment of RoIs: a box of side canonical_box_size px is pooled from p{canonical_level}
     # (FPN eq. 1: k = canonical_level + log2(sqrt(area) / canonical_box_size), clamped to the levels)
     canonical_box_size: int = 224
@@ -162,6 +175,9 @@ class MaskHeadCfg:
     num_conv: int = 4  # 3x3 conv + ReLU layers before the 2x deconvolution
     conv_dim: int = 256  # channels of those convs and of the deconvolution
     loss_weight: float = 1.0  # multiplies the per-pixel mask BCE
+    # how masks are pasted into the image for evaluation: torchvision (1-px padded box, rounded to integers,
+    # resized) or detectron2 (each pixel centre sampled from the mask inside the exact box, grid_sample)
+    paste: str = "torchvision"  # torchvision | detectron2
 
 
 @dataclass(frozen=True)
@@ -173,10 +189,13 @@ class ModelCfg:
     distill: DistillCfg = field(default_factory=DistillCfg)
     image_label: ImageLabelCfg = field(default_factory=ImageLabelCfg)
     mask: MaskHeadCfg = field(default_factory=MaskHeadCfg)
-    # RGB pixel statistics on a 0–255 scale (torchvision ImageNet weights).
+    # Channel order the network sees: RGB (torchvision) or BGR (detectron2 / MSRA caffe weights, which
+    # also use pixel_std [1, 1, 1]); images always enter as RGB and are flipped for BGR.
+    input_format: str = "RGB"  # RGB | BGR
+    # pixel statistics on a 0–255 scale, in input_format's channel order (torchvision ImageNet weights).
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
-    size_divisibility: int = 32  # pad batched images to a multiple of this
+    size_divisibility: int = 32  # pad batched images to a multiple of this (0 = only to the batch's largest)
 
 
 @dataclass(frozen=True)

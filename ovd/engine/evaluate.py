@@ -20,7 +20,7 @@ from ovd.data.loader import build_test_loader
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
 from ovd.evaluation.coco_ovd import evaluate_ovd, format_table, write_report
-from ovd.modeling.mask_head import paste_masks
+from ovd.modeling.mask_head import paste
 from ovd.structures import Detections
 from ovd.utils.io import read_json, write_json
 
@@ -36,13 +36,16 @@ def test_augmentation(cfg: Config) -> ResizeFlipAugmentation:
     return ResizeFlipAugmentation((cfg.input.min_size_test,), cfg.input.max_size_test, flip_prob=0.0)
 
 
-def encode_masks(det: Detections, boxes: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
+def encode_masks(
+    det: Detections, boxes: torch.Tensor, image_size: tuple[int, int], paste_style: str = "torchvision"
+) -> list[dict[str, Any]]:
     """Compressed COCO RLEs of a Mask R-CNN's detections, pasted into the original image.
 
     Args:
         det: detections with ``masks`` ``Tensor[N, 1, M, M]`` (box-relative probabilities).
         boxes: ``Tensor[N, 4]`` the same boxes in original-image pixels.
         image_size: ``(H, W)`` of the original image.
+        paste_style: ``model.mask.paste`` (:func:`ovd.modeling.mask_head.paste`).
 
     Returns:
         ``N`` dicts ``{"size": [H, W], "counts": str}``: the pasted masks at :data:`MASK_THRESHOLD`.
@@ -51,7 +54,7 @@ def encode_masks(det: Detections, boxes: torch.Tensor, image_size: tuple[int, in
     out: list[dict[str, Any]] = []
     for start in range(0, len(det), PASTE_CHUNK):
         chunk = slice(start, start + PASTE_CHUNK)
-        pasted = paste_masks(det.masks[chunk], boxes[chunk].to(det.masks.device), image_size)  # (n, H, W)
+        pasted = paste(det.masks[chunk], boxes[chunk].to(det.masks.device), image_size, paste_style)  # (n, H, W)
         binary = (pasted >= MASK_THRESHOLD).to(torch.uint8).cpu().numpy()  # (n, H, W)
         for rle in mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0))):
             out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
@@ -82,7 +85,11 @@ def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progres
         for item, det in zip(batch, outputs, strict=True):
             boxes = torch.as_tensor(item["params"].inverse_boxes(det.boxes.float().cpu().numpy()))  # (N, 4)
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            segms = encode_masks(det, boxes, item["orig_size"]) if det.masks is not None else [None] * len(det)
+            segms = (
+                encode_masks(det, boxes, item["orig_size"], cfg.model.mask.paste)
+                if det.masks is not None
+                else [None] * len(det)
+            )
             for box, score, label, segm in zip(xywh, det.scores.tolist(), det.labels.tolist(), segms, strict=True):
                 result = {
                     "image_id": int(item["image_id"]),

@@ -25,6 +25,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ovd.errors import OVDError
+from ovd.modeling.msra import load_msra_resnet
 
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "frozen_bn": FrozenBatchNorm2d,
@@ -59,6 +60,8 @@ def _load_weights(model: nn.Module, weights: str, arch: str) -> None:
                 "download them once or pass a local file",
                 field="model.backbone.weights",
             ) from e
+    elif weights.endswith(".pkl"):  # detectron2's MSRA ImageNet weights (R-50.pkl): a restricted unpickler
+        state = load_msra_resnet(weights)
     else:
         path = Path(weights)
         if not path.is_file():
@@ -76,6 +79,17 @@ def _load_weights(model: nn.Module, weights: str, arch: str) -> None:
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})",
             path=weights,
         )
+
+
+def move_stride_to_1x1(net: nn.Module) -> None:
+    """Make every downsampling ``Bottleneck`` of ``net`` stride in its first 1×1 conv instead of its 3×3.
+
+    MSRA/caffe ResNets (detectron2's ``STRIDE_IN_1X1``, its ImageNet ``R-50.pkl``) do this; torchvision's
+    ResNet ("v1.5") strides in the 3×3. The parameters are the same, only the convolutions' strides move.
+    """
+    for block in net.modules():
+        if isinstance(block, resnet.Bottleneck) and block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
 
 def _freeze(modules: list[nn.Module]) -> None:
@@ -105,9 +119,11 @@ class ResNetTrunk(nn.Module):
         return OrderedDict(res4=x)
 
 
-def build_resnet50_c4(*, norm: str, freeze_at: int, weights: str) -> C4Parts:
+def build_resnet50_c4(*, norm: str, freeze_at: int, weights: str, stride_in_1x1: bool = False) -> C4Parts:
     net = resnet.resnet50(weights=None, norm_layer=norm_layer(norm))
     _load_weights(net, weights, "resnet50")
+    if stride_in_1x1:
+        move_stride_to_1x1(net)
     trunk = ResNetTrunk(net)
     _freeze([trunk.stem, trunk.layer1][:freeze_at])
     return C4Parts(trunk=trunk, res5=net.layer4, out_channels=1024, head_channels=2048)
@@ -133,11 +149,20 @@ def _fpn(net: nn.Module, widths: list[int], fpn_channels: int, min_level: int) -
 
 
 def build_resnet_fpn(
-    *, depth: int, norm: str, freeze_at: int, weights: str, fpn_channels: int, min_level: int = 2
+    *,
+    depth: int,
+    norm: str,
+    freeze_at: int,
+    weights: str,
+    fpn_channels: int,
+    min_level: int = 2,
+    stride_in_1x1: bool = False,
 ) -> BackboneWithFPN:
     arch = f"resnet{depth}"
     net = getattr(resnet, arch)(weights=None, norm_layer=norm_layer(norm))
     _load_weights(net, weights, arch)
+    if stride_in_1x1:
+        move_stride_to_1x1(net)
     _freeze([nn.ModuleList([net.conv1, net.bn1]), net.layer1][:freeze_at])
     width = 64 * (4 if depth >= 50 else 1)  # layer1 output channels
     return _fpn(net, [width, width * 2, width * 4, width * 8], fpn_channels, min_level)

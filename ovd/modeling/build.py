@@ -31,7 +31,7 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
     """(backbone, region feature extractor, backbone channels, region feature dim)."""
     b, r = cfg.model.backbone, cfg.model.roi_heads
     if b.name == "resnet50_c4":
-        parts = build_resnet50_c4(norm=b.norm, freeze_at=b.freeze_at, weights=b.weights)
+        parts = build_resnet50_c4(norm=b.norm, freeze_at=b.freeze_at, weights=b.weights, stride_in_1x1=b.stride_in_1x1)
         region = C4RegionFeatures(
             parts.res5,
             resolution=r.pooler_resolution,
@@ -47,6 +47,7 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
             freeze_at=b.freeze_at,
             weights=b.weights,
             fpn_channels=b.fpn_channels,
+            stride_in_1x1=b.stride_in_1x1,
         )
     elif b.name == "tiny_fpn":
         if b.weights:
@@ -67,8 +68,17 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
         min_level=b.fpn_min_level,
         canonical_box_size=r.canonical_box_size,
         canonical_level=r.canonical_level,
+        aligned=r.fpn_pooler_aligned,
     )
     return backbone, region, b.fpn_channels, r.fc_dim
+
+
+def _level_strides(cfg: Config) -> list[int]:
+    """Input-pixel stride of each feature map the RPN sees (C4: res4; FPN: p{min_level}..p5 and p6)."""
+    b = cfg.model.backbone
+    if b.name == "resnet50_c4":
+        return [C4_STRIDE]
+    return [2**k for k in range(b.fpn_min_level, 7)]
 
 
 def _mask_head(cfg: Config) -> MaskHead | None:
@@ -90,6 +100,7 @@ def _mask_head(cfg: Config) -> MaskHead | None:
         min_level=b.fpn_min_level,
         canonical_box_size=cfg.model.roi_heads.canonical_box_size,
         canonical_level=cfg.model.roi_heads.canonical_level,
+        aligned=cfg.model.roi_heads.fpn_pooler_aligned,
     )
 
 
@@ -173,6 +184,10 @@ def build_model(
         nms_thresh=p.nms_thresh,
         smooth_l1_beta=p.smooth_l1_beta,
         loss_weight=p.loss_weight,
+        anchor_style=p.anchor_style,
+        strides=_level_strides(cfg),
+        min_size=p.min_size,
+        nms_on_logits=p.nms_on_logits,
     )
     return OpenVocabDetector(
         backbone=backbone,
@@ -182,4 +197,5 @@ def build_model(
         pixel_std=list(m.pixel_std),
         size_divisibility=m.size_divisibility,
         max_size_num_proposals=m.image_label.max_size_num_proposals,
+        input_format=m.input_format,
     )

@@ -26,8 +26,9 @@ class OpenVocabDetector(nn.Module):
         backbone: ``Tensor[B, 3, H, W] → OrderedDict[str, Tensor]``.
         rpn: proposal network over all backbone outputs.
         roi_heads: second stage.
-        pixel_mean, pixel_std: RGB statistics on a 0–255 scale.
-        size_divisibility: batched images are padded to a multiple of this.
+        pixel_mean, pixel_std: statistics on a 0–255 scale, in ``input_format``'s channel order.
+        size_divisibility: batched images are padded to a multiple of this (0: to the largest image).
+        input_format: ``"RGB"`` or ``"BGR"``: the channel order the backbone sees (images enter as RGB).
         max_size_num_proposals: top RPN proposals among which the max-size loss takes the largest.
     """
 
@@ -41,6 +42,7 @@ class OpenVocabDetector(nn.Module):
         pixel_std: list[float],
         size_divisibility: int,
         max_size_num_proposals: int = 128,
+        input_format: str = "RGB",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -50,6 +52,9 @@ class OpenVocabDetector(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
         self.max_size_num_proposals = max_size_num_proposals
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be RGB or BGR, got {input_format!r}")
+        self.input_format = input_format
 
     @property
     def device(self) -> torch.device:
@@ -70,13 +75,16 @@ class OpenVocabDetector(nn.Module):
     def preprocess(self, images: list[Tensor]) -> ImageList:
         """Normalise and zero-pad ``uint8 Tensor[3, H_i, W_i]`` images into ``Tensor[B, 3, H, W]``."""
         sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # ints (symbolic while exporting: no int())
-        d = self.size_divisibility
+        d = max(self.size_divisibility, 1)
         # round up with non-negative operands: ONNX's integer division truncates towards zero
         max_h = (max(h for h, _ in sizes) + d - 1) // d * d
         max_w = (max(w for _, w in sizes) + d - 1) // d * d
         batch = []
         for im in images:
-            x = (im.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std  # (3, H, W)
+            im = im.to(self.device, non_blocking=True)  # (3, H, W) RGB
+            if self.input_format == "BGR":
+                im = im.flip(0)
+            x = (im.float() - self.pixel_mean) / self.pixel_std  # (3, H, W)
             batch.append(F.pad(x, (0, max_w - x.shape[-1], 0, max_h - x.shape[-2])))  # zero = mean colour
         return ImageList(torch.stack(batch), sizes)
 

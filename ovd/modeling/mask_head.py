@@ -56,6 +56,7 @@ class MaskHead(nn.Module):
         min_level: int = 2,
         canonical_box_size: int = 224,
         canonical_level: int = 4,
+        aligned: bool = False,
     ) -> None:
         super().__init__()
         self.pooler = MultiScaleRoIAlign(
@@ -64,6 +65,7 @@ class MaskHead(nn.Module):
             sampling_ratio,
             canonical_scale=canonical_box_size,
             canonical_level=canonical_level,
+            aligned=aligned,
         )
         self.resolution = resolution
         layers: list[nn.Module] = []
@@ -161,3 +163,39 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
         resized = F.interpolate(padded[i : i + 1], size=size, mode="bilinear", align_corners=False)[0, 0]
         out[i, ya:yb, xa:xb] = resized[ya - y0 : yb - y0, xa - x0 : xb - x0]
     return out
+
+
+PASTE_STYLES = ("torchvision", "detectron2")
+
+
+def paste_masks_grid(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Paste box-relative mask probabilities as detectron2 does (``paste_masks_in_image``): every image
+    pixel centre ``(x + 0.5, y + 0.5)`` inside a box's window is mapped to the box's normalised coordinates
+    ``2 (x + 0.5 - x0) / (x1 - x0) - 1`` and the ``M × M`` mask is sampled there bilinearly
+    (``grid_sample``, ``align_corners=False``, zero outside the mask); the box is neither padded nor rounded.
+
+    Args and returns as :func:`paste_masks`.
+    """
+    h, w = image_size
+    out = masks.new_zeros((masks.shape[0], h, w), dtype=torch.float32)
+    for i in range(masks.shape[0]):
+        box = boxes[i].float()
+        xa, ya = max(int(torch.floor(box[0])) - 1, 0), max(int(torch.floor(box[1])) - 1, 0)
+        xb, yb = min(int(torch.ceil(box[2])) + 1, w), min(int(torch.ceil(box[3])) + 1, h)
+        if xa >= xb or ya >= yb:
+            continue
+        gx = (torch.arange(xa, xb, dtype=torch.float32, device=masks.device) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
+        gy = (torch.arange(ya, yb, dtype=torch.float32, device=masks.device) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=2)  # (h', w', 2) as (x, y)
+        sampled = F.grid_sample(masks[i : i + 1].float(), grid[None], align_corners=False)  # (1, 1, h', w')
+        out[i, ya:yb, xa:xb] = sampled[0, 0]
+    return out
+
+
+def paste(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], style: str = "torchvision") -> Tensor:
+    """:func:`paste_masks` (``"torchvision"``) or :func:`paste_masks_grid` (``"detectron2"``)."""
+    if style == "detectron2":
+        return paste_masks_grid(masks, boxes, image_size)
+    if style != "torchvision":
+        raise ValueError(f"unknown paste style {style!r}; choose one of {', '.join(PASTE_STYLES)}")
+    return paste_masks(masks, boxes, image_size)

@@ -166,7 +166,12 @@ def roi_align(
 
 
 class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
-    """torchvision's multi-level pooler (level mapping, inferred scales) over :func:`roi_align`."""
+    """torchvision's multi-level pooler (level mapping, inferred scales) over :func:`roi_align`; ``aligned``
+    pools with the half-pixel offset (detectron2's ROIAlignV2), torchvision's pooler is unaligned."""
+
+    def __init__(self, *args, aligned: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.aligned = aligned
 
     def forward(  # type: ignore[override]
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -180,12 +185,13 @@ class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
         size = self.output_size
         first = levels_in[0]
         if len(levels_in) == 1:
-            return roi_align(first, rois, size, self.scales[0], self.sampling_ratio)
+            return roi_align(first, rois, size, self.scales[0], self.sampling_ratio, self.aligned)
         levels = self.map_levels(boxes)  # (R,)
         result = first.new_zeros((rois.shape[0], first.shape[1], *size))  # (R, Ch, ph, pw)
         for level, (feature, scale) in enumerate(zip(levels_in, self.scales, strict=True)):
             idx = torch.where(levels == level)[0]
-            result[idx] = roi_align(feature, rois[idx], size, scale, self.sampling_ratio).to(result.dtype)
+            pooled = roi_align(feature, rois[idx], size, scale, self.sampling_ratio, self.aligned)
+            result[idx] = pooled.to(result.dtype)
         return result
 
 

@@ -63,6 +63,7 @@ class FPNRegionFeatures(nn.Module):
         min_level: int = 2,
         canonical_box_size: int = 224,
         canonical_level: int = 4,
+        aligned: bool = False,
     ) -> None:
         super().__init__()
         # a box of side canonical_box_size is pooled from level canonical_level (FPN paper, eq. 1)
@@ -72,6 +73,7 @@ class FPNRegionFeatures(nn.Module):
             sampling_ratio,
             canonical_scale=canonical_box_size,
             canonical_level=canonical_level,
+            aligned=aligned,
         )
         layers: list[nn.Module] = [nn.Flatten()]
         dim = in_channels * resolution * resolution

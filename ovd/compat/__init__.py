@@ -1,0 +1,1 @@
+"""Readers of other frameworks' checkpoints (:mod:`ovd.compat.detectron2`)."""
