@@ -21,7 +21,7 @@ removes exactly the regions whose ``ĉ`` the box loss itself trains against. Reg
 novel class are never filtered (novel objects are unannotated), nor are images without ground truth.
 
 The weights are computed once per (store, setting) from the stored embeddings and kept in the store
-(``region_weights/<name>.npy``, described in its ``meta.json``; :func:`ovd.distill.store.write_region_weights`).
+(``region_weights/<name>.npy``, described in its ``meta.json``: :func:`write_region_weights`).
 
 Shape shorthand: ``N`` images, ``K`` slots, ``k`` valid regions of an image, ``C`` classes, ``D``
 CLIP dim, ``G`` ground-truth boxes of an image.
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from ovd.distill.store import WEIGHTS_KEY, RegionStore, write_region_weights
+from ovd.distill.store import META_FILE, WEIGHTS_DIR, WEIGHTS_KEY, RegionStore
 from ovd.errors import OVDError
+from ovd.utils.io import atomic_write, read_json, write_json
 
 MODES = ("uniform", "max_prob", "entropy")
 
@@ -215,6 +216,28 @@ def compute_store_weights(
                            ground_truth=gt, is_base=is_base)  # fmt: skip
         out[row, : len(w)] = w.numpy()
     return out
+
+
+def write_region_weights(path: str | os.PathLike[str], name: str, weights: np.ndarray, how: dict[str, Any]) -> None:
+    """Add (or replace) the weights array ``name`` of a complete store and record ``how`` in its metadata.
+
+    The array is written first, then ``meta.json`` (atomically, so the store stays complete). Two
+    processes adding weights at once may lose one metadata entry; that array is then recomputed on
+    its next use, never read with the wrong description.
+
+    Args:
+        weights: ``float32[N, K]`` (0 where a slot is empty).
+    """
+    store = RegionStore.open(path)
+    if weights.shape != (len(store), store.k):
+        raise OVDError(f"weights {list(weights.shape)} do not match the store ({len(store)}, {store.k})", path=path)
+    if not name.isidentifier():
+        raise OVDError(f"invalid weights name {name!r}", path=path, field=WEIGHTS_KEY)
+    target = store.path / WEIGHTS_DIR / f"{name}.npy"
+    atomic_write(target, lambda tmp: np.save(tmp, np.ascontiguousarray(weights, dtype=np.float32)))
+    meta = read_json(store.path / META_FILE)
+    meta[WEIGHTS_KEY] = {**(meta.get(WEIGHTS_KEY) or {}), name: how}
+    write_json(store.path / META_FILE, meta)
 
 
 class WeightedRegions:

@@ -362,28 +362,6 @@ def write_region_store(
     return out
 
 
-def write_region_weights(path: str | os.PathLike[str], name: str, weights: np.ndarray, how: dict[str, Any]) -> None:
-    """Add (or replace) the weights array ``name`` of a complete store and record ``how`` in its metadata.
-
-    The array is written first, then ``meta.json`` (atomically, so the store stays complete). Two
-    processes adding weights at once may lose one metadata entry; that array is then recomputed on
-    its next use, never read with the wrong description.
-
-    Args:
-        weights: ``float32[N, K]`` (0 where a slot is empty).
-    """
-    store = RegionStore.open(path)
-    if weights.shape != store._valid.shape:
-        raise OVDError(f"weights {list(weights.shape)} do not match the store's {list(store._valid.shape)}", path=path)
-    if not name.isidentifier():
-        raise OVDError(f"invalid weights name {name!r}", path=path, field=WEIGHTS_KEY)
-    target = store.path / WEIGHTS_DIR / f"{name}.npy"
-    atomic_write(target, lambda tmp: np.save(tmp, np.ascontiguousarray(weights, dtype=np.float32)))
-    meta = read_json(store.path / META_FILE)
-    meta[WEIGHTS_KEY] = {**(meta.get(WEIGHTS_KEY) or {}), name: how}
-    write_json(store.path / META_FILE, meta)
-
-
 # --------------------------------------------------------------------------------------------------
 # Parts: resumable, shardable extraction
 # --------------------------------------------------------------------------------------------------
