@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -60,26 +61,35 @@ def synthetic_store(path: Path, k: int = 16, dim: int = 64, seed: int = 0) -> Pa
                               metadata=meta)  # fmt: skip
 
 
-def run_stage(config: str, overrides: list[str], out: Path) -> tuple[float, float]:
-    """(training-loop seconds, evaluation seconds) of one stage run in ``out``."""
-    spent = []
+def _clocks() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its finished children: the loader workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime
+
+
+def run_stage(config: str, overrides: list[str], out: Path) -> tuple[float, float, float, float]:
+    """(training wall, evaluation wall, training CPU, evaluation CPU) seconds of one stage run in ``out``.
+
+    CPU time counts the DataLoader workers too (they have exited when ``train`` / ``evaluate`` return); on
+    a shared host it moves much less than wall time with the other jobs' load."""
+    spent = [0.0, 0.0]
     evaluate = trainer.evaluate
 
     def timed(*args, **kwargs):
-        t = time.perf_counter()
+        start = _clocks()
         try:
             return evaluate(*args, **kwargs)
         finally:
-            spent.append(time.perf_counter() - t)
+            spent[:] = [a - b for a, b in zip(_clocks(), start, strict=True)]
 
     trainer.evaluate = timed  # the trainer's final evaluation, timed apart from its training loop
     try:
-        t = time.perf_counter()
+        start = _clocks()
         trainer.train(load_config(REPO / config, overrides), out)
-        total = time.perf_counter() - t
+        wall, cpu = (a - b for a, b in zip(_clocks(), start, strict=True))
     finally:
         trainer.evaluate = evaluate
-    return total - sum(spent), sum(spent)
+    return wall - spent[0], spent[0], cpu - spent[1], spent[1]
 
 
 def main() -> None:
@@ -98,16 +108,15 @@ def main() -> None:
     common = [f"solver.max_iter={args.iters}", f"solver.checkpoint_period={10 * args.iters}", "init_stage=",
               f"init_weights={args.init}", f"num_threads={args.threads}", f"data.region_store={store}",
               *args.overrides]  # fmt: skip
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in VARIANTS}
+    times: dict[str, list[tuple[float, ...]]] = {k: [] for k in VARIANTS}
     for r in range(args.rounds):
         for name, config in VARIANTS.items():
-            times[name].append(run_stage(config, common, work / f"{r}_{len(times[name])}_{Path(config).stem}"))
-            print(f"round {r} {name}: train {times[name][-1][0]:.1f} s, eval {times[name][-1][1]:.1f} s", flush=True)
-    med = {
-        k: tuple(statistics.median(x[i] for x in v) for i in range(2)) + (statistics.median(a + b for a, b in v),)
-        for k, v in times.items()
-    }
+            t = run_stage(config, common, work / f"{r}_{Path(config).stem}")
+            times[name].append((*t, t[0] + t[1], t[2] + t[3]))  # + whole-stage wall and CPU
+            print(f"round {r} {name}: " + ", ".join(f"{x:.1f}" for x in times[name][-1]), flush=True)
+    med = {k: [statistics.median(x[i] for x in v) for i in range(6)] for k, v in times.items()}
     plain, rkd = med.values()
+    cols = ("training loop", "evaluation", "whole stage")
     lines = [
         "## The RKD stage against a plain stage of the same length (issue #22)",
         "",
@@ -120,13 +129,17 @@ def main() -> None:
         f"{'synthetic (16 random regions per image)' if not args.store else args.store}; init: "
         f"{args.init or 'random'}. Evaluation = the recipe's final evaluation on val (RKD: with region fidelity).",
         "",
-        "| variant | training loop (s) | evaluation (s) | whole stage (s) |",
-        "|---|---:|---:|---:|",
-        *(f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} |" for k, v in med.items()),
-        f"| **RKD / plain** | **{rkd[0] / plain[0]:.3f}×** | {rkd[1] / plain[1]:.3f}× | **{rkd[2] / plain[2]:.3f}×** |",
+        "| variant | "
+        + " | ".join(f"{c}, wall (s)" for c in cols)
+        + " | "
+        + " | ".join(f"{c}, CPU (s)" for c in cols)
+        + " |",
+        "|---|" + "---:|" * 6,
+        *(f"| {k} | " + " | ".join(f"{v[i]:.1f}" for i in (0, 1, 4, 2, 3, 5)) + " |" for k, v in med.items()),
+        "| **RKD / plain** | " + " | ".join(f"**{rkd[i] / plain[i]:.3f}×**" for i in (0, 1, 4, 2, 3, 5)) + " |",
         "",
-        "Per round (train + eval, s): "
-        + "; ".join(f"{k}: " + ", ".join(f"{a:.1f} + {b:.1f}" for a, b in v) for k, v in times.items()),
+        "Per round (training wall, evaluation wall, training CPU, evaluation CPU; s): "
+        + "; ".join(f"{k}: " + ", ".join("/".join(f"{x:.1f}" for x in t[:4]) for t in v) for k, v in times.items()),
     ]
     emit_report(lines, args.output)
 
