@@ -67,7 +67,7 @@ class TrainSource:
     info: DatasetInfo
     records: list[ImageRecord]
     augmentation: ResizeFlipAugmentation
-    regions: Any  # a RegionStore, or None
+    regions: Any  # a RegionStore (a WeightedRegions with teacher-aware RKD), or None
 
 
 def _weight_regions(cfg: Config, sources: list[TrainSource], text: torch.Tensor, image_counts: Any) -> None:
