@@ -103,6 +103,23 @@ def sweep_table(root: Path, weights: list[float], modes: list[str], seeds: list[
     return {"rows": rows, "control": ctrl}
 
 
+def weight_stats(store: Path, num_regions: int = 5) -> list[str]:
+    """Markdown rows: for each weights array in the store, the share of the regions RKD reads (the first
+    ``num_regions`` of each image) that it drops (weight 0) and the mean weight of the others."""
+    import numpy as np
+
+    meta = json.loads((store / "meta.json").read_text())
+    valid = np.load(store / "valid.npy")[:, :num_regions]  # (N, k)
+    rows = []
+    for name, how in sorted((meta.get("region_weights") or {}).items()):
+        w = np.load(store / "region_weights" / f"{name}.npy")[:, :num_regions]  # (N, k)
+        kept = w[valid & (w > 0)]
+        dropped = float((valid & (w == 0)).sum()) / max(int(valid.sum()), 1)
+        rows.append(f"| {how['mode']} | {how['contradiction_iou']:g} | {100 * dropped:.1f} % | "
+                    f"{kept.mean() if kept.size else 0:.3f} |")  # fmt: skip
+    return rows
+
+
 def choose(result: dict) -> dict:
     """The dev selection rule (benchmarks/RESULTS.md): among settings with mean base cost ≤ 2 and mean
     novel AP50 ≥ (uniform at the recipe's weight: mean − std), the highest mean novel AP50; when none has
@@ -282,6 +299,10 @@ def main() -> int:
         pick = choose(result)
         plot_sweep(result, stem.with_suffix(".png"))
         lines = sweep_report(result, pick, command) + ["", f"![dev sweep]({stem.with_suffix('.png').name})"]
+        stats = weight_stats(args.root / "regions" / "ovshapes_train")
+        lines += ["", "Region weights of the regions RKD reads (first 5 per training image):", "",
+                  "| mode | contradiction IoU | dropped | mean weight of the rest |", "|---|---:|---:|---:|",
+                  *stats]  # fmt: skip
         (stem.with_suffix(".json")).write_text(json.dumps({**result, "choice": pick}, indent=1))
     else:
         roots = {"today": args.root / "today", "chosen": args.root / "chosen"}
