@@ -154,6 +154,17 @@ class DistillCfg:
     # Multiplies both weights: the reference's hidden rkd_temperature, so the effective weights
     # are 15 and 15 on COCO (METHOD §3.5).
     weight_scale: float = 100.0
+    # Teacher-aware RKD (beyond the reference, issue #22; ovd.distill.region_weights). Per-region weights
+    # from the teacher's posterior softmax(cos / T) over the training vocabulary: uniform (the reference) |
+    # max_prob | entropy (1 − H/log C); computed once per store and setting, kept in the store.
+    region_weighting: str = "uniform"
+    weight_temperature: float = 0.01  # T of that softmax (0.01 = CLIP's logit scale 100)
+    weight_floor: float = 0.0  # a confidence weight is at least this
+    # Contradiction filter: a region the teacher calls a base class, whose best-matching ground-truth box
+    # (IoU ≥ contradiction_iou) does not have that class, gets weight × contradiction_weight (0 = dropped).
+    # 0 = off; 0.5 = the box head's foreground IoU, so it drops regions the box loss trains against.
+    contradiction_iou: float = 0.0
+    contradiction_weight: float = 0.0
 
 
 @dataclass(frozen=True)

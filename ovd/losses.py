@@ -96,27 +96,39 @@ def box_regression_loss(pred_deltas: Tensor, target_deltas: Tensor, num_sampled:
     return loss / max(num_sampled, 1)
 
 
-def distill_l1_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """RKD point-wise loss ``mean_{r,d} |n(S)_rd − n(T)_rd|`` (METHOD §3.5, §10.5).
+def distill_l1_loss(student: Tensor, teacher: Tensor, weight: Tensor | None = None) -> Tensor:
+    """RKD point-wise loss ``mean_{r,d} w_r |n(S)_rd − n(T)_rd|`` (METHOD §3.5, §10.5).
 
     Args:
         student, teacher: ``Tensor[R, D]`` region embeddings (normalised here).
+        weight: ``Tensor[R]`` per-region weights (constants: no gradient flows into them), or
+            ``None`` = the reference's unweighted loss. The reduction stays a mean over all ``R·D``
+            elements, so a region of weight ``w_r < 1`` pulls less and the loss is not renormalised
+            by ``Σ w`` (all-ones weights give the unweighted value bit for bit).
     Returns:
-        The mean over all ``R·D`` elements; 0 (with gradient) when ``R == 0``.
+        A scalar; 0 (with gradient) when ``R == 0``.
     """
     if student.shape[0] == 0:
         return student.sum() * 0.0
-    return (F.normalize(student, dim=1) - F.normalize(teacher, dim=1)).abs().mean()
+    diff = (F.normalize(student, dim=1) - F.normalize(teacher, dim=1)).abs()  # (R, D)
+    if weight is not None:
+        diff = diff * weight.detach().to(diff.dtype)[:, None]  # (R, D)
+    return diff.mean()
 
 
-def irm_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Inter-embedding relationship matching ``‖rn(n(S) n(S)ᵀ) − rn(n(T) n(T)ᵀ)‖_F²`` (METHOD §3.5, §10.6).
+def irm_loss(student: Tensor, teacher: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Inter-embedding relationship matching ``Σ_ij w_i w_j (rn(n(S) n(S)ᵀ) − rn(n(T) n(T)ᵀ))_ij²``
+    (METHOD §3.5, §10.6).
 
     ``n`` normalises rows, ``rn`` normalises each row of the ``R×R`` Gram matrix. The reduction is a
     Frobenius **sum** (not a mean over ``R²``), as in the reference, so its scale grows with ``R``.
+    With per-region weights a pair counts with ``w_i·w_j`` (a relation is trusted only as much as
+    both of its regions); the Gram rows are still normalised over all ``R`` regions.
 
     Args:
         student, teacher: ``Tensor[R, D]`` region embeddings of the whole batch.
+        weight: ``Tensor[R]`` per-region weights (constants), or ``None`` = unweighted (all-ones
+            weights give the unweighted value bit for bit).
     """
     if student.shape[0] == 0:
         return student.sum() * 0.0
@@ -124,7 +136,11 @@ def irm_loss(student: Tensor, teacher: Tensor) -> Tensor:
     t = F.normalize(teacher, dim=1)  # (R, D)
     g_s = F.normalize(s @ s.T, dim=1)  # (R, R)
     g_t = F.normalize(t @ t.T, dim=1)  # (R, R)
-    return (g_s - g_t).pow(2).sum()
+    sq = (g_s - g_t).pow(2)  # (R, R)
+    if weight is not None:
+        w = weight.detach().to(sq.dtype)  # (R,)
+        sq = sq * (w[:, None] * w[None, :])  # (R, R)
+    return sq.sum()
 
 
 def pseudo_max_score_loss(logits: Tensor, labels: Tensor, image_index: Tensor, num_images: int) -> Tensor:

@@ -32,6 +32,12 @@ TINY_CHECKPOINT_OVERRIDES = [
 ]
 
 
+@pytest.fixture
+def tiny_train_overrides() -> list[str]:
+    """The overrides of :func:`tiny_checkpoint`: a seconds-long OV-Shapes `small` run (add your own after)."""
+    return list(TINY_CHECKPOINT_OVERRIDES)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A 1-iteration OV-Shapes checkpoint and 3 val images; OVD_DATASETS points at a session-wide folder

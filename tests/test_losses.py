@@ -137,6 +137,40 @@ def test_irm_is_a_sum_not_a_mean():
     assert irm_loss(s, t).item() == pytest.approx(loop, rel=1e-5)
 
 
+def test_weighted_distill_hand_computed():
+    """Teacher-aware RKD (issue #22): per-region weights, reductions unchanged."""
+    t = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    # per-row sums of |n(S) − n(T)|: row 0 |1−0|+|0−1| = 2, row 1 = 1 (as above); mean over R·D = 4
+    assert distill_l1_loss(S, t).item() == pytest.approx(3 / 4, abs=1e-6)
+    assert distill_l1_loss(S, t, torch.tensor([0.5, 1.0])).item() == pytest.approx((0.5 * 2 + 1) / 4, abs=1e-6)
+    assert distill_l1_loss(S, t, torch.tensor([0.0, 0.0])).item() == 0.0
+    # IRM with S, T of §10.6: diagonal difference d = 1 − 1/√1.5, off-diagonal o = (1/√2)/√1.5;
+    # Σ w_i w_j diff² = (w0² + w1²)·d² + 2·w0·w1·o², here w = (1, 0.5)
+    d, o = 1 - 1 / math.sqrt(1.5), 1 / math.sqrt(2) / math.sqrt(1.5)
+    expected = (1 + 0.25) * d**2 + 2 * 0.5 * o**2
+    assert irm_loss(S, T, torch.tensor([1.0, 0.5])).item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.375425, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", [distill_l1_loss, irm_loss])
+def test_all_ones_weights_are_bitwise_the_reference(loss):
+    torch.manual_seed(3)
+    s = torch.randn(9, 32, requires_grad=True)
+    t = torch.randn(9, 32)
+    plain = loss(s, t)
+    (g_plain,) = torch.autograd.grad(plain, s)
+    ones = loss(s, t, torch.ones(9))
+    (g_ones,) = torch.autograd.grad(ones, s)
+    assert torch.equal(plain, ones) and torch.equal(g_plain, g_ones)
+    # a zero-weight region gets no gradient from L1, and the weights themselves get none
+    w = torch.ones(9, requires_grad=True)
+    w_zero = torch.cat([torch.zeros(1), torch.ones(8)])
+    (g,) = torch.autograd.grad(distill_l1_loss(s, t, w_zero), s)
+    assert torch.count_nonzero(g[0]) == 0 and torch.count_nonzero(g[1:]) > 0
+    loss(s, t, w).backward()
+    assert w.grad is None
+
+
 # --- PIS losses (METHOD §4.4, §10.7) ------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ import logging
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import cv2
 import numpy as np
@@ -118,7 +118,8 @@ class DetectionDataset(Dataset):
     * ``image_id`` (int), ``orig_size`` ``(h, w)``, ``params`` (:class:`TransformParams`),
       ``ann_type`` (str), ``file_name`` (str);
     * with ``regions``: ``distill_boxes`` ``float32 Tensor[K, 4]`` (the first ``num_regions`` stored
-      boxes, transformed like the image) and ``distill_embeddings`` ``float32 Tensor[K, D]``.
+      boxes, transformed like the image) and ``distill_embeddings`` ``float32 Tensor[K, D]``; when
+      ``regions`` has weights (:class:`WeightedRegionLookup`), ``distill_weights`` ``float32 Tensor[K]``.
 
     Args:
         records: the images.
@@ -185,6 +186,9 @@ class DetectionDataset(Dataset):
             r_keep = _non_degenerate(r_boxes)
             item["distill_boxes"] = torch.from_numpy(r_boxes[r_keep])
             item["distill_embeddings"] = torch.from_numpy(np.asarray(r_emb[: self.num_regions], np.float32)[r_keep])
+            if isinstance(self.regions, WeightedRegionLookup):
+                r_weights = self.regions.lookup_weights(int(rec.image_id))[: self.num_regions]  # (K,)
+                item["distill_weights"] = torch.from_numpy(np.asarray(r_weights, np.float32)[r_keep])
         return item
 
 
@@ -229,6 +233,14 @@ class RegionLookup(Protocol):
     and ``[K, D]`` embeddings (e.g. :class:`ovd.distill.store.RegionStore`)."""
 
     def lookup(self, image_id: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class WeightedRegionLookup(RegionLookup, Protocol):
+    """Stored regions with a distillation weight each: ``lookup_weights`` gives ``float32[K]`` for the
+    regions ``lookup`` returns (e.g. :class:`ovd.distill.region_weights.WeightedRegions`)."""
+
+    def lookup_weights(self, image_id: int) -> np.ndarray: ...
 
 
 def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovd.data.loader import read_record_image
-from ovd.data.transforms import ResizeFlipAugmentation
+from ovd.data.transforms import ResizeFlipAugmentation, TransformParams
 from ovd.distill.proposals import Proposals, ProposalSource
 from ovd.distill.store import RegionStore
 from ovd.modeling.detector import OpenVocabDetector
@@ -49,6 +49,40 @@ def _labels_of(stored: np.ndarray, record: ImageRecord) -> np.ndarray:
 
 
 @torch.no_grad()
+def student_embeddings(
+    model: OpenVocabDetector,
+    features: dict[str, Tensor],
+    boxes: np.ndarray,
+    params: TransformParams,
+    image_size: tuple[int, int],
+) -> Tensor:
+    """Unit student embeddings ``Tensor[K, D]`` of one image's stored ``boxes`` (``float32[K, 4]``,
+    original pixels) from its features (a batch of that one image, transformed by ``params``)."""
+    student_boxes = torch.from_numpy(params.apply_boxes(boxes)).to(model.device)
+    return F.normalize(model.roi_heads.region_embeddings(features, [student_boxes], [image_size]).float(), dim=1)
+
+
+class FidelityCollector:
+    """Student embeddings of the teacher's regions, taken from the features of the evaluation's own
+    forward passes (``ovd.engine.evaluate.predict_dataset(on_features=...)``, one image per batch: the
+    same features :func:`region_fidelity` computes, without a second pass over the images)."""
+
+    def __init__(self, model: OpenVocabDetector, teacher: RegionStore) -> None:
+        self.model = model
+        self.teacher = teacher
+        self.students: dict[int, Tensor] = {}
+
+    def __call__(self, items: Sequence[dict[str, Any]], features: dict[str, Tensor]) -> None:
+        if len(items) != 1:
+            raise ValueError("FidelityCollector needs one image per batch")
+        item = items[0]
+        boxes, _ = self.teacher.lookup(int(item["image_id"]))  # (K, 4)
+        if len(boxes):
+            size = (int(item["image"].shape[-2]), int(item["image"].shape[-1]))
+            self.students[int(item["image_id"])] = student_embeddings(self.model, features, boxes, item["params"], size)
+
+
+@torch.no_grad()
 def region_fidelity(
     model: OpenVocabDetector,
     records: Sequence[ImageRecord],
@@ -58,6 +92,7 @@ def region_fidelity(
     base_classes: Sequence[int],
     novel_classes: Sequence[int],
     augmentation: ResizeFlipAugmentation,
+    students: dict[int, Tensor] | None = None,
 ) -> dict[str, float | None]:
     """Student-vs-teacher statistics on the stored ground-truth regions of ``records``.
 
@@ -66,6 +101,8 @@ def region_fidelity(
         teacher: CLIP embeddings of the records' ground-truth boxes (a store made with
             :class:`GroundTruthProposals`).
         text_embeddings: ``Tensor[C, D]`` class embeddings of the vocabulary.
+        students: image id → unit student embeddings ``Tensor[K, D]`` already computed (a
+            :class:`FidelityCollector`'s); None = run the model here, one image at a time.
     Returns:
         ``fidelity_{cosine,agreement,student_acc,teacher_acc}_{base,novel}`` (percent for the last
         three, ``None`` where a split has no region) and ``fidelity_regions_{base,novel}``.
@@ -78,12 +115,13 @@ def region_fidelity(
         boxes, t_emb = teacher.lookup(int(rec.image_id))  # (K, 4), (K, D)
         if len(boxes) == 0:
             continue
-        params = augmentation.sample(rec.height, rec.width, np.random.default_rng(0))
-        image = torch.from_numpy(np.ascontiguousarray(params.apply_image(read_record_image(rec))))
-        batch = model.preprocess([image.permute(2, 0, 1)])
-        feats = model.features(batch)
-        student_boxes = torch.from_numpy(params.apply_boxes(boxes)).to(model.device)
-        s = F.normalize(model.roi_heads.region_embeddings(feats, [student_boxes], batch.image_sizes).float(), dim=1)
+        if students is not None:
+            s = students[int(rec.image_id)].to(model.device)  # (K, D)
+        else:
+            params = augmentation.sample(rec.height, rec.width, np.random.default_rng(0))
+            image = torch.from_numpy(np.ascontiguousarray(params.apply_image(read_record_image(rec))))
+            batch = model.preprocess([image.permute(2, 0, 1)])
+            s = student_embeddings(model, model.features(batch), boxes, params, batch.image_sizes[0])
         t = F.normalize(torch.from_numpy(np.asarray(t_emb, np.float32)).to(model.device), dim=1)  # (K, D)
         y = torch.from_numpy(_labels_of(boxes, rec)).to(model.device)  # (K,)
         s_cls, t_cls = (s @ text.T).argmax(1), (t @ text.T).argmax(1)  # (K,)

@@ -7,12 +7,15 @@ One store per (dataset, proposal source, CLIP model) is a directory::
     <store>/valid.npy        bool[N, K]        which slots hold a region; valid slots come first
     <store>/image_ids.npy    int64[N]          dataset image id of each row
     <store>/meta.json        what produced it (see below); written last
+    <store>/region_weights/<name>.npy  float32[N, K]  optional per-region distillation weights
 
 Rows follow the dataset's record order; the regions of a row are sorted by descending proposal
 score. ``meta.json`` holds ``format``/``version``, ``dataset``, ``num_images``, ``k``, ``embed_dim``,
 ``nms_thresh``, ``clip`` (``model``, ``pretrained``, ``checkpoint_sha256``, ``weights_sha256`` of the
 state dict), ``crop_preprocess``, ``proposals`` (the source's ``kind``, ``path``, ``sha256``,
-parameters), ``image_ids_sha256``, ``num_regions``, ``num_images_without_regions`` and ``created``.
+parameters), ``image_ids_sha256``, ``num_regions``, ``num_images_without_regions`` and ``created``;
+``region_weights`` (optional) maps each weights array's name to how it was computed (teacher-aware
+RKD, :mod:`ovd.distill.region_weights`). A store without weights is read as uniform weights.
 
 **A store is complete exactly when** ``meta.json`` **exists.** Extraction writes finished chunks as
 ``<store>/parts/shard{i}-chunk{j}.npz`` (each with its own metadata); :func:`merge_store` joins
@@ -59,6 +62,8 @@ ARRAY_FILES = {
     "image_ids": "image_ids.npy",
 }
 _STATS_KEYS = ("created", "num_regions", "num_images_without_regions")  # describe a result, not its inputs
+WEIGHTS_DIR = "region_weights"
+WEIGHTS_KEY = "region_weights"  # meta.json: {name: how}; derived from the arrays, not part of their content
 
 
 class MergeInProgressError(OVDError):
@@ -81,7 +86,7 @@ def content_key(meta: dict[str, Any]) -> dict[str, Any]:
     Drops result statistics, the creation time and file paths (the same weights or proposals at
     another path give the same store), so stores made on different machines compare equal.
     """
-    key = {k: v for k, v in meta.items() if k not in _STATS_KEYS}
+    key = {k: v for k, v in meta.items() if k not in (*_STATS_KEYS, WEIGHTS_KEY)}
     if isinstance(key.get("clip"), dict):
         key["clip"] = {k: v for k, v in key["clip"].items() if k in ("model", "weights_sha256")}
     if isinstance(key.get("proposals"), dict):
@@ -224,6 +229,20 @@ class RegionStore:
     def missing(self, image_ids: Iterable[int]) -> list[int]:
         """The ids among ``image_ids`` that have no row in the store, in the given order."""
         return [int(i) for i in image_ids if int(i) not in self._rows]
+
+    def locate(self, image_id: int) -> tuple[int, int] | None:
+        """``(row, k)``: the row of ``image_id`` in the arrays and its number of valid regions (the
+        first ``k`` slots); None when the image is not in the store."""
+        row = self._rows.get(int(image_id))
+        return None if row is None else (row, int(np.count_nonzero(self._valid[row])))
+
+    def region_weights(self, name: str) -> np.ndarray | None:
+        """The stored weights array ``name`` (``float32[N, K]``, memory-mapped), or None when the store
+        has none of that name (an older store, or weights not computed yet: the caller computes them)."""
+        if name not in (self.metadata.get(WEIGHTS_KEY) or {}):
+            return None
+        n, k = self._valid.shape
+        return _load_array(self.path / WEIGHTS_DIR / f"{name}.npy", np.dtype(np.float32), (n, k))
 
 
 # --------------------------------------------------------------------------------------------------

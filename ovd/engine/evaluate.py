@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,17 @@ def encode_masks(
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progress: bool = True) -> list[dict[str, Any]]:
+def predict_dataset(
+    model: nn.Module,
+    info: DatasetInfo,
+    cfg: Config,
+    *,
+    progress: bool = True,
+    on_features: Callable[[list[dict[str, Any]], dict[str, torch.Tensor]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Detections on every image of ``info`` as COCO results (original-image ``xywh``, dataset
     category ids, and a compressed-RLE ``segmentation`` when the model predicts masks), gathered from
-    all ranks."""
+    all ranks. ``on_features(batch items, backbone features)`` is called after each batch's forward."""
     records = load_dataset(info, with_masks=False)  # ground-truth masks are not needed to predict
     loader = build_test_loader(
         records,
@@ -80,8 +88,13 @@ def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progres
     results: list[dict[str, Any]] = []
     cat_ids = info.category_ids
     bar = tqdm(loader, desc=f"eval {info.name}", disable=not (progress and dist.is_main_process()), unit="batch")
+    captured: list[dict[str, torch.Tensor]] = []  # the backbone's output of the forward below: not run twice
+    hook = None if on_features is None else model.backbone.register_forward_hook(lambda m, a, o: captured.append(o))
     for batch in bar:
+        captured.clear()
         outputs = model([b["image"] for b in batch])
+        if on_features is not None:
+            on_features(batch, captured[0])
         for item, det in zip(batch, outputs, strict=True):
             boxes = torch.as_tensor(item["params"].inverse_boxes(det.boxes.float().cpu().numpy()))  # (N, 4)
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
@@ -100,16 +113,19 @@ def predict_dataset(model: nn.Module, info: DatasetInfo, cfg: Config, *, progres
                 if segm is not None:
                     result["segmentation"] = segm
                 results.append(result)
+    if hook is not None:
+        hook.remove()
     model.train(was_training)
     gathered = dist.all_gather_objects(results)
     return [r for part in gathered for r in part]
 
 
-def _fidelity(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: Path) -> dict[str, Any]:
-    """Region fidelity of the student (see :mod:`ovd.distill.fidelity`) on ``info``'s ground truth."""
+def _fidelity_teacher(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: Path) -> tuple[list, Any]:
+    """``(records with boxes, RegionStore)``: CLIP embeddings of ``info``'s ground-truth boxes, extracted
+    into ``output_dir/fidelity_regions`` the first time."""
     from ovd.clip import create_clip
     from ovd.distill.extract import extract_region_embeddings
-    from ovd.distill.fidelity import KEEP_ALL_NMS, GroundTruthProposals, region_fidelity
+    from ovd.distill.fidelity import KEEP_ALL_NMS, GroundTruthProposals
     from ovd.distill.store import RegionStore, store_is_complete
 
     records = [r for r in load_dataset(info) if len(r.boxes)]
@@ -127,14 +143,26 @@ def _fidelity(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: Path
             dataset_name=info.name,
             progress=False,
         )
+    return records, RegionStore.open(path)
+
+
+def _fidelity(
+    model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: Path, collector: Any = None
+) -> dict[str, Any]:
+    """Region fidelity of the student (see :mod:`ovd.distill.fidelity`) on ``info``'s ground truth;
+    with a ``FidelityCollector`` filled during prediction, from its embeddings (no second pass)."""
+    from ovd.distill.fidelity import region_fidelity
+
+    records, store = _fidelity_teacher(model, info, cfg, output_dir)
     return region_fidelity(
         model,
         records,
-        RegionStore.open(path),
+        store,
         model.roi_heads.classifier.vocabulary[:-1],
         base_classes=info.base_classes,
         novel_classes=info.novel_classes,
         augmentation=test_augmentation(cfg),
+        students=None if collector is None else collector.students,
     )
 
 
@@ -155,7 +183,14 @@ def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str |
     mask head is also scored on masks: ``metrics["segm"]`` beside the box metrics (``metrics["bbox"]``
     for LVIS, the top level for OV-COCO).
     """
-    detections = predict_dataset(model, info, cfg)
+    collector = None
+    if cfg.test.region_fidelity and dist.get_world_size() == 1 and cfg.test.batch_size == 1:
+        # the student's region embeddings come from the prediction pass's own features (same images,
+        # same test transform, one image per batch): identical numbers, one backbone pass instead of two
+        from ovd.distill.fidelity import FidelityCollector
+
+        collector = FidelityCollector(model, _fidelity_teacher(model, info, cfg, Path(output_dir))[1])
+    detections = predict_dataset(model, info, cfg, on_features=collector)
     metrics: dict[str, Any] = {}
     if dist.is_main_process():
         out = Path(output_dir)
@@ -170,7 +205,7 @@ def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str |
             metrics = evaluate_lvis(gt, detections, ("bbox", "segm") if segm else ("bbox",))
             metrics["dataset"] = info.name
             if cfg.test.region_fidelity:
-                metrics |= _fidelity(model, info, cfg, out)
+                metrics |= _fidelity(model, info, cfg, out, collector)
             path = write_lvis_report(metrics, out)
             write_json(out / "detections.json", detections, indent=None)
             logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_lvis_table(metrics), path)
@@ -185,7 +220,7 @@ def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str |
                 metrics["segm"] = {k: v for k, v in masks.items() if k not in ("backend", "num_images")}
             metrics["dataset"] = info.name
             if cfg.test.region_fidelity:
-                metrics |= _fidelity(model, info, cfg, out)
+                metrics |= _fidelity(model, info, cfg, out, collector)
             path = write_report(metrics, out, detections=detections)
             logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_table(metrics), path)
     return dist.all_gather_objects(metrics)[0]

@@ -48,7 +48,7 @@ from ovd.utils.lock import holds_output_lock
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-_TARGET_KEYS = ("boxes", "labels", "pos_labels", "masks", "distill_boxes", "distill_embeddings")
+_TARGET_KEYS = ("boxes", "labels", "pos_labels", "masks", "distill_boxes", "distill_embeddings", "distill_weights")
 
 
 def _region_store(path: str, dataset: str, records: list, field: str) -> Any:
@@ -76,7 +76,37 @@ class TrainSource:
     info: DatasetInfo
     records: list[ImageRecord]
     augmentation: ResizeFlipAugmentation
-    regions: Any  # a RegionStore, or None
+    regions: Any  # a RegionStore (a WeightedRegions with teacher-aware RKD), or None
+
+
+def _weight_regions(cfg: Config, sources: list[TrainSource], text: torch.Tensor, image_counts: Any) -> None:
+    """Teacher-aware RKD (``model.distill.region_weighting`` / ``contradiction_iou``): give every source's
+    store the weights of that setting, computed by rank 0 the first time and kept in the store."""
+    from ovd.distill.region_weights import RegionWeighting, ensure_weighted_regions
+
+    d = cfg.model.distill
+    try:
+        weighting = RegionWeighting(
+            mode=d.region_weighting,
+            temperature=d.weight_temperature,
+            floor=d.weight_floor,
+            contradiction_iou=d.contradiction_iou,
+            contradiction_weight=d.contradiction_weight,
+        )
+    except OVDError as e:
+        raise OVDError(e.reason, field="model.distill") from e
+    if weighting.is_uniform:
+        return
+    # the contradiction filter trusts ground truth only: the boxes of box-supervised sources
+    truth = {int(r.image_id): (r.boxes, r.labels) for s in sources if s.cfg.supervision == "box" for r in s.records}
+    base = [c for c, n in enumerate(torch.as_tensor(image_counts).tolist()) if n > 0]
+    stores = [s for s in sources if s.regions is not None]
+    if dist.is_main_process():  # rank 0 computes and writes (sources sharing a store: once), then all read
+        for src in stores:
+            ensure_weighted_regions(src.regions.path, text, weighting, truth, base)
+    dist.synchronize()
+    for src in stores:
+        src.regions = ensure_weighted_regions(src.regions.path, text, weighting, truth, base, write=False)
 
 
 def _train_sources(cfg: Config, world: int) -> list[TrainSource]:
@@ -311,7 +341,10 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
     info = sources[0].info
     # the classes a box loss may train: image counts over the box sources only (METHOD §2.3)
     box_records = [r for s in sources if s.cfg.supervision == "box" for r in s.records]
-    model, emb = _build_detector(cfg, info, category_image_counts(box_records, info.num_classes), out)
+    counts = category_image_counts(box_records, info.num_classes)
+    model, emb = _build_detector(cfg, info, counts, out)
+    if cfg.model.distill.enabled:
+        _weight_regions(cfg, sources, emb, counts)
     model.to(device)
     loss_names = sorted({k for s in sources for k in model.loss_names(s.cfg.supervision)})
 

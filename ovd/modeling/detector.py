@@ -128,7 +128,7 @@ class OpenVocabDetector(nn.Module):
 
         Each target holds ``boxes`` float[N, 4] and ``labels`` int64[N], for a Mask R-CNN ``masks``
         uint8[N, H, W] (box batches only), and for region distillation ``distill_boxes`` float[K, 4]
-        with ``distill_embeddings`` float[K, D].
+        with ``distill_embeddings`` float[K, D] (and, teacher-aware, ``distill_weights`` float[K]).
 
         ``supervision`` says what the training batch's targets are (METHOD §4.4):
 
@@ -176,5 +176,6 @@ class OpenVocabDetector(nn.Module):
                 [t["distill_boxes"] for t in targets],
                 [t["distill_embeddings"] for t in targets],
                 batch.image_sizes,
+                [t["distill_weights"] for t in targets] if all("distill_weights" in t for t in targets) else None,
             )
         return losses

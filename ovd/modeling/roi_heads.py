@@ -273,12 +273,14 @@ class OpenVocabRoIHeads(nn.Module):
         boxes: list[Tensor],
         teacher: list[Tensor],
         image_sizes: list[tuple[int, int]],
+        weights: list[Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """RKD losses between student and stored CLIP embeddings of the regions of the whole batch.
 
         Args:
             boxes: per image ``Tensor[K_i, 4]`` on the input image.
             teacher: per image ``Tensor[K_i, D]`` CLIP image embeddings.
+            weights: per image ``Tensor[K_i]`` region weights (teacher-aware RKD), or None (uniform).
         """
         names = self.distill_loss_names()
         if sum(len(b) for b in boxes) == 0:
@@ -286,9 +288,10 @@ class OpenVocabRoIHeads(nn.Module):
             return dict.fromkeys(names, zero)
         student = self.region_embeddings(features, boxes, image_sizes).float()  # (R, D)
         target = torch.cat(teacher).float()  # (R, D)
+        weight = None if weights is None else torch.cat(weights).to(student.device)  # (R,)
         losses: dict[str, Tensor] = {}
         if "loss_distill_l1" in names:
-            losses["loss_distill_l1"] = self.distill_l1_weight * distill_l1_loss(student, target)
+            losses["loss_distill_l1"] = self.distill_l1_weight * distill_l1_loss(student, target, weight)
         if "loss_irm" not in names:
             return losses
         # IRM over groups of irm_group_images images, averaged: the reference computes it per GPU over
@@ -296,9 +299,10 @@ class OpenVocabRoIHeads(nn.Module):
         per_image = [len(b) for b in boxes]
         g = self.irm_group_images if self.irm_group_images > 0 else len(boxes)
         sizes = [sum(per_image[i : i + g]) for i in range(0, len(per_image), g)]
+        w_parts = [None] * len(sizes) if weight is None else weight.split(sizes)
         groups = [
-            irm_loss(s_part, t_part)
-            for s_part, t_part in zip(student.split(sizes), target.split(sizes), strict=True)
+            irm_loss(s_part, t_part, w_part)
+            for s_part, t_part, w_part in zip(student.split(sizes), target.split(sizes), w_parts, strict=True)
             if len(s_part)
         ]
         losses["loss_irm"] = self.distill_irm_weight * torch.stack(groups).mean()

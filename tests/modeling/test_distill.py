@@ -133,3 +133,63 @@ def test_zero_weight_term_is_neither_computed_nor_logged():
     expected = (torch.nn.functional.normalize(student, dim=1) - teacher).abs().mean()  # mean over R·D
     assert list(out) == ["loss_distill_l1"]
     assert out["loss_distill_l1"].item() == pytest.approx(heads.distill_l1_weight * expected.item(), rel=1e-5)
+
+
+class WeightedDictRegions(DictRegions):
+    def __init__(self, table, weights):
+        super().__init__(table)
+        self.weights = weights
+
+    def lookup_weights(self, image_id):
+        return self.weights[image_id]
+
+
+def test_region_weights_follow_the_kept_regions(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((120, 200, 3), np.uint8))
+    rec = ImageRecord(image_id=7, file_name=str(tmp_path / "a.png"), height=120, width=200)
+    stored = np.array([[50, 30, 131, 71], [0, 0, 0.5, 0.5], [10, 10, 40, 40]], np.float32)  # 2nd degenerates
+    emb = np.eye(3, 4, dtype=np.float16)
+    regions = WeightedDictRegions({7: (stored, emb)}, {7: np.array([0.25, 0.5, 1.0], np.float32)})
+    ds = DetectionDataset([rec], ResizeFlipAugmentation((180,), 1000, flip_prob=0.0), regions=regions, num_regions=5)
+    item = ds[0]
+    assert item["distill_weights"].tolist() == [0.25, 1.0] and len(item["distill_boxes"]) == 2
+    plain = DetectionDataset([rec], ResizeFlipAugmentation((180,), 1000), regions=DictRegions({7: (stored, emb)}),
+                             num_regions=5)[0]  # fmt: skip
+    assert "distill_weights" not in plain  # uniform: the reference's inputs, nothing added
+
+
+def test_all_ones_region_weights_keep_the_losses_bitwise():
+    """The existing loss path (L1 + IRM over image groups) with all-ones weights: identical values and
+    gradients; other weights give the pure functions' weighted values."""
+    from ovd.losses import distill_l1_loss, irm_loss
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/ovshapes/base.yaml", ["model.distill.enabled=true"])
+    heads = build_model(cfg, class_embeddings=torch.randn(16, 64)).roi_heads.train()
+    feats = {f"p{k}": torch.randn(3, 64, 160 // 2**k, 160 // 2**k, requires_grad=True) for k in range(3, 7)}
+    boxes = [torch.tensor([[0.0, 0, 40, 40], [20, 30, 90, 100]]), torch.tensor([[5.0, 5, 60, 50]]),
+             torch.tensor([[10.0, 0, 80, 70], [0, 0, 30, 30]])]  # fmt: skip
+    teacher = [torch.randn(len(b), 64) for b in boxes]
+    sizes = [(160, 160)] * 3
+
+    def run(weights):
+        out = heads.distill_losses(feats, boxes, teacher, sizes, weights)
+        grads = torch.autograd.grad(sum(out.values()), [feats["p3"], *heads.parameters()], allow_unused=True)
+        return out, grads
+
+    plain, g_plain = run(None)
+    ones, g_ones = run([torch.ones(len(b)) for b in boxes])
+    assert set(plain) == {"loss_distill_l1", "loss_irm"}
+    for k in plain:
+        assert torch.equal(plain[k], ones[k])
+    for a, b in zip(g_plain, g_ones, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    w = [torch.tensor([0.5, 1.0]), torch.tensor([0.0]), torch.tensor([1.0, 0.25])]
+    out, _ = run(w)
+    with torch.no_grad():
+        s, t, wc = heads.region_embeddings(feats, boxes, sizes), torch.cat(teacher), torch.cat(w)
+        l1 = heads.distill_l1_weight * distill_l1_loss(s, t, wc)
+        groups = [irm_loss(s[a:b], t[a:b], wc[a:b]) for a, b in ((0, 3), (3, 5))]  # irm_group_images = 2
+        irm = heads.distill_irm_weight * torch.stack(groups).mean()
+    assert out["loss_distill_l1"].item() == pytest.approx(l1.item(), rel=1e-5)
+    assert out["loss_irm"].item() == pytest.approx(irm.item(), rel=1e-5)
