@@ -10,8 +10,8 @@ adds the built-ins' hook, :func:`ovd.data.builtin.register_all`), so imports run
 
 ``ann_type`` is ``"box"`` (boxes of every annotated class), ``"image"`` (image-level labels only,
 ``pos_category_ids``) or ``"pseudo"`` (PIS pseudo boxes: one box per image-level label, METHOD §4.1).
-``extra["evaluator"]`` names the metric a box dataset is scored with: ``"coco_ovd"`` or ``"lvis"``
-(:func:`ovd.evaluation.build_evaluator`).
+``evaluator`` names the metric a box dataset is scored with: ``"coco_ovd"`` or ``"lvis"``
+(:func:`ovd.evaluation.evaluator.build_evaluator`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class DatasetInfo:
         ann_type: ``"box"``, ``"image"`` (image-level labels only) or ``"pseudo"`` (pseudo boxes).
         prepare: optional ``prepare(info) -> None`` that writes the files when missing.
         extra: free-form metadata (caption file, synonyms file, split preset, ...).
+        evaluator: the metric it is scored with: ``"coco_ovd"`` (novel / base AP50) or ``"lvis"``
+            (federated, APr / APc / APf); see :mod:`ovd.evaluation.evaluator`.
     """
 
     name: str
@@ -60,6 +62,7 @@ class DatasetInfo:
     ann_type: str = "box"
     prepare: Callable[[DatasetInfo], None] | None = field(default=None, compare=False, repr=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    evaluator: str = "coco_ovd"
 
     def __post_init__(self) -> None:
         if len(self.class_names) != len(self.category_ids):

@@ -444,6 +444,7 @@ def register_ovshapes_lt() -> None:
                 ann_file=f"{folder}/annotations/{ann}.json",
                 prepare=prepare,
                 extra=dict(extra),
+                evaluator="lvis",
                 **common,
             )
             register_dataset(info, overwrite=True)
