@@ -5,7 +5,7 @@ embeddings, learnable logit bias, sigmoid BCE with the federated loss (50 classe
 regression, and the class-agnostic mask head (4 × conv 256, 2× deconv, **one** mask channel).
 torchvision's is ``maskrcnn_resnet50_fpn(num_classes=1204)`` as built with ImageNet backbone weights
 (FrozenBatchNorm2d, 3 trainable stages; built here without the download, see
-:func:`bench_model.build_pair`): softmax CE, per-class boxes and a per-class mask predictor (1204
+:func:`detector_pair.build_pair`): softmax CE, per-class boxes and a per-class mask predictor (1204
 channels, of which the loss reads the GT class's).
 
 Everything the two share gets **the same weights** (backbone + FPN, RPN head, 2-FC box head, the four
@@ -16,7 +16,7 @@ process (order alternating every round); the overhead is the median over rounds 
 ``/proc/self/clear_refs`` after ``malloc_trim``) above its resident set before the step, median over
 rounds, the same alternation.
 
-The helpers (inputs, timing, summaries) are those of ``bench_model.py``.
+The helpers: inputs in ``detector_pair.py``, timing and summaries in ``timing.py``.
 
     python benchmarks/bench_maskrcnn.py --output benchmarks/results/maskrcnn.md
 """
@@ -39,21 +39,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
-from bench_model import (  # benchmarks/bench_model.py (scripts run from this folder's path)
+from detector_pair import (  # benchmarks/detector_pair.py (scripts run from this folder's path)
     EMBED_DIM,
-    OURS,
     RPN_TOP_N,
-    TV,
-    Summary,
     class_image_counts,
     hooks,
     make_inputs,
     ours_overrides,
-    pct,
-    timed_interleaved,
     train_step_fn,
 )
 from machine import cpu_model
+from timing import OURS, TV, Summary, pct, timed_interleaved  # benchmarks/timing.py
 from torch import Tensor
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
