@@ -21,12 +21,10 @@ MAX_LINES = 500
 BIG_FILES_ALLOWED = {
     "ovd/distill/extract.py",  # #21 item 2 (crop kernels / worker I/O / orchestration)
     "ovd/distill/store.py",  # #21 item 2 (host-buffer I/O leaves it)
-    "ovd/clip/teacher.py",  # the CLIP teacher's training loop and its data (to split)
 }
 # (importing module, imported module, private name) today, each removed by an open issue.
 PRIVATE_IMPORTS_ALLOWED = {
     ("ovd.pipeline", "ovd.config", "_check_keys"),  # #21 item 5: the pipeline schema moves into config.py
-    ("ovd.clip.text", "ovd.clip.model", "_eval_mode"),  # clip: a public eval-mode helper
 }
 
 
