@@ -27,7 +27,6 @@ import argparse
 import ctypes
 import gc
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -38,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from detector_pair import (  # benchmarks/detector_pair.py (scripts run from this folder's path)
     EMBED_DIM,
     RPN_TOP_N,
@@ -48,7 +46,7 @@ from detector_pair import (  # benchmarks/detector_pair.py (scripts run from thi
     ours_overrides,
     train_step_fn,
 )
-from machine import cpu_model
+from machine import describe
 from timing import OURS, TV, Summary, pct, timed_interleaved  # benchmarks/timing.py
 from torch import Tensor
 from torchvision.models import resnet50
@@ -237,9 +235,7 @@ def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads
         "",
         f"Command: `{command}`",
         "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}; "
-        f"torch.set_num_threads({args.threads}); Python {platform.python_version()}, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f} "
+        f"- Machine: {describe(args.threads)}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f} "
         "(shared machine: compare the paired ratios, not absolute times). "
         f"Total run time {res['seconds'] / 60:.1f} min.",
         f"- Input: batch {args.train_batch} of {h}×{w} images given at that size to both models (torchvision's "

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 
-import torch
-import torchvision
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import describe  # benchmarks/machine.py (scripts run from this folder's path)
 from timing import OURS, TV, Summary, pct  # benchmarks/timing.py
 
 GOALS = {80: 0.10, 1203: 0.20}  # max overhead of ours over torchvision (the goal lines)
@@ -28,9 +24,7 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], 
         "",
         f"Command: `{command}`",
         "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}; "
-        f"torch.set_num_threads({args.threads}); Python {platform.python_version()}, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f}: "
+        f"- Machine: {describe(args.threads)}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f}: "
         "the machine is shared with other jobs, so absolute times are noisy; the two models always run interleaved "
         f"in the same process and only ratios should be compared. Total run time {wall / 60:.1f} min.",
         f"- Input: {h}×{w} (H×W) images, given already at that size to both models (torchvision's transform has "
