@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from detector_pair import (  # benchmarks/detector_pair.py (scripts run from this folder's path)
     EMBED_DIM,
-    RPN_TOP_N,
     class_image_counts,
     hooks,
     make_inputs,
     ours_overrides,
+    shared_weights,
+    torchvision_kwargs,
     train_step_fn,
 )
 from machine import describe
@@ -80,27 +81,10 @@ def build_pair(args: argparse.Namespace) -> tuple[OpenVocabDetector, MaskRCNN, d
     backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), trainable_layers=3)
     tv = MaskRCNN(
         backbone,
-        num_classes=NUM_CLASSES + 1,
-        min_size=min(h, w),  # scale factor 1: both backbones get the same tensors
-        max_size=max(h, w),
-        image_mean=list(cfg.model.pixel_mean),
-        image_std=list(cfg.model.pixel_std),
-        rpn_pre_nms_top_n_train=RPN_TOP_N["pre_train"],
-        rpn_pre_nms_top_n_test=RPN_TOP_N["pre_test"],
-        rpn_post_nms_top_n_train=RPN_TOP_N["post_train"],
-        rpn_post_nms_top_n_test=RPN_TOP_N["post_test"],
-        rpn_nms_thresh=0.7,
-        rpn_batch_size_per_image=256,
-        box_nms_thresh=0.5,
-        box_detections_per_img=100,
-        box_batch_size_per_image=512,
-        box_positive_fraction=0.25,
+        **torchvision_kwargs(NUM_CLASSES, cfg, h, w),
     )
     src = ours.state_dict()
-    shared = {k: v for k, v in src.items() if k.startswith(("backbone.", "rpn.head."))}
-    for i, name in ((1, "fc6"), (3, "fc7")):
-        for p in ("weight", "bias"):
-            shared[f"roi_heads.box_head.{name}.{p}"] = src[f"roi_heads.region_features.head.{i}.{p}"]
+    shared = shared_weights(src)
     for p in ("weight", "bias"):  # our mask head's layers: (conv, relu) × 4, deconv, relu
         for i in range(4):
             shared[f"roi_heads.mask_head.{i}.0.{p}"] = src[f"roi_heads.mask_head.layers.{2 * i}.{p}"]

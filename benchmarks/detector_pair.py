@@ -80,18 +80,9 @@ def class_image_counts(num_classes: int, seed: int) -> Tensor:
     return counts
 
 
-def build_pair(num_classes: int, args: argparse.Namespace) -> tuple[OpenVocabDetector, FasterRCNN, dict]:
-    cfg = load_config(None, ours_overrides(num_classes, args))
-    g = torch.Generator().manual_seed(args.seed + num_classes)
-    embeddings = torch.randn(num_classes, EMBED_DIM, generator=g)  # random CLIP-like text embeddings
-    ours = build_model(cfg, class_embeddings=embeddings, class_image_counts=class_image_counts(num_classes, args.seed))
-    h, w = args.size
-    # Exactly what fasterrcnn_resnet50_fpn(weights_backbone=ResNet50_Weights.IMAGENET1K_V1) builds
-    # (FrozenBatchNorm2d, 3 trainable stages), without the download; with weights_backbone=None it
-    # would use trainable BatchNorm2d and 5 trainable stages, i.e. a different backbone than ours.
-    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), trainable_layers=3)
-    tv = FasterRCNN(
-        backbone,
+def torchvision_kwargs(num_classes: int, cfg: Any, h: int, w: int) -> dict[str, Any]:
+    """The keyword arguments that give torchvision's R-CNN our input scale, statistics, RPN and RoI sampling."""
+    return dict(
         num_classes=num_classes + 1,
         # min/max size = the input's short/long side: the transform's scale factor is exactly 1.
         min_size=min(h, w),
@@ -111,12 +102,33 @@ def build_pair(num_classes: int, args: argparse.Namespace) -> tuple[OpenVocabDet
         box_batch_size_per_image=512,
         box_positive_fraction=0.25,
     )
-    # Same weights for everything the two models share: backbone + FPN, RPN head, 2-FC box head.
-    src = ours.state_dict()
+
+
+def shared_weights(src: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict entries under torchvision's names for every part both share: backbone + FPN, RPN head
+    and the 2-FC box head."""
     shared = {k: v for k, v in src.items() if k.startswith(("backbone.", "rpn.head."))}
     for i, name in ((1, "fc6"), (3, "fc7")):
         for p in ("weight", "bias"):
             shared[f"roi_heads.box_head.{name}.{p}"] = src[f"roi_heads.region_features.head.{i}.{p}"]
+    return shared
+
+
+def build_pair(num_classes: int, args: argparse.Namespace) -> tuple[OpenVocabDetector, FasterRCNN, dict]:
+    cfg = load_config(None, ours_overrides(num_classes, args))
+    g = torch.Generator().manual_seed(args.seed + num_classes)
+    embeddings = torch.randn(num_classes, EMBED_DIM, generator=g)  # random CLIP-like text embeddings
+    ours = build_model(cfg, class_embeddings=embeddings, class_image_counts=class_image_counts(num_classes, args.seed))
+    h, w = args.size
+    # Exactly what fasterrcnn_resnet50_fpn(weights_backbone=ResNet50_Weights.IMAGENET1K_V1) builds
+    # (FrozenBatchNorm2d, 3 trainable stages), without the download; with weights_backbone=None it
+    # would use trainable BatchNorm2d and 5 trainable stages, i.e. a different backbone than ours.
+    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), trainable_layers=3)
+    tv = FasterRCNN(
+        backbone,
+        **torchvision_kwargs(num_classes, cfg, h, w),
+    )
+    shared = shared_weights(ours.state_dict())
     missing, unexpected = tv.load_state_dict(shared, strict=False)
     assert not unexpected, unexpected
     assert all(k.startswith("roi_heads.box_predictor.") for k in missing), missing
