@@ -5,7 +5,7 @@ embeddings, learnable logit bias, sigmoid BCE with the federated loss (50 classe
 regression, and the class-agnostic mask head (4 × conv 256, 2× deconv, **one** mask channel).
 torchvision's is ``maskrcnn_resnet50_fpn(num_classes=1204)`` as built with ImageNet backbone weights
 (FrozenBatchNorm2d, 3 trainable stages; built here without the download, see
-:func:`bench_model.build_pair`): softmax CE, per-class boxes and a per-class mask predictor (1204
+:func:`detector_pair.build_pair`): softmax CE, per-class boxes and a per-class mask predictor (1204
 channels, of which the loss reads the GT class's).
 
 Everything the two share gets **the same weights** (backbone + FPN, RPN head, 2-FC box head, the four
@@ -16,7 +16,7 @@ process (order alternating every round); the overhead is the median over rounds 
 ``/proc/self/clear_refs`` after ``malloc_trim``) above its resident set before the step, median over
 rounds, the same alternation.
 
-The helpers (inputs, timing, summaries) are those of ``bench_model.py``.
+The helpers: inputs in ``detector_pair.py``, timing and summaries in ``timing.py``.
 
     python benchmarks/bench_maskrcnn.py --output benchmarks/results/maskrcnn.md
 """
@@ -27,7 +27,6 @@ import argparse
 import ctypes
 import gc
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -38,22 +37,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from bench_model import (  # benchmarks/bench_model.py (scripts run from this folder's path)
+from detector_pair import (  # benchmarks/detector_pair.py (scripts run from this folder's path)
     EMBED_DIM,
-    OURS,
-    RPN_TOP_N,
-    TV,
-    Summary,
     class_image_counts,
     hooks,
     make_inputs,
     ours_overrides,
-    pct,
-    timed_interleaved,
+    shared_weights,
+    torchvision_kwargs,
     train_step_fn,
 )
-from machine import cpu_model
+from machine import describe
+from timing import OURS, TV, Summary, pct, timed_interleaved  # benchmarks/timing.py
 from torch import Tensor
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
@@ -86,27 +81,10 @@ def build_pair(args: argparse.Namespace) -> tuple[OpenVocabDetector, MaskRCNN, d
     backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), trainable_layers=3)
     tv = MaskRCNN(
         backbone,
-        num_classes=NUM_CLASSES + 1,
-        min_size=min(h, w),  # scale factor 1: both backbones get the same tensors
-        max_size=max(h, w),
-        image_mean=list(cfg.model.pixel_mean),
-        image_std=list(cfg.model.pixel_std),
-        rpn_pre_nms_top_n_train=RPN_TOP_N["pre_train"],
-        rpn_pre_nms_top_n_test=RPN_TOP_N["pre_test"],
-        rpn_post_nms_top_n_train=RPN_TOP_N["post_train"],
-        rpn_post_nms_top_n_test=RPN_TOP_N["post_test"],
-        rpn_nms_thresh=0.7,
-        rpn_batch_size_per_image=256,
-        box_nms_thresh=0.5,
-        box_detections_per_img=100,
-        box_batch_size_per_image=512,
-        box_positive_fraction=0.25,
+        **torchvision_kwargs(NUM_CLASSES, cfg, h, w),
     )
     src = ours.state_dict()
-    shared = {k: v for k, v in src.items() if k.startswith(("backbone.", "rpn.head."))}
-    for i, name in ((1, "fc6"), (3, "fc7")):
-        for p in ("weight", "bias"):
-            shared[f"roi_heads.box_head.{name}.{p}"] = src[f"roi_heads.region_features.head.{i}.{p}"]
+    shared = shared_weights(src)
     for p in ("weight", "bias"):  # our mask head's layers: (conv, relu) × 4, deconv, relu
         for i in range(4):
             shared[f"roi_heads.mask_head.{i}.0.{p}"] = src[f"roi_heads.mask_head.layers.{2 * i}.{p}"]
@@ -241,9 +219,7 @@ def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads
         "",
         f"Command: `{command}`",
         "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}; "
-        f"torch.set_num_threads({args.threads}); Python {platform.python_version()}, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f} "
+        f"- Machine: {describe(args.threads)}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f} "
         "(shared machine: compare the paired ratios, not absolute times). "
         f"Total run time {res['seconds'] / 60:.1f} min.",
         f"- Input: batch {args.train_batch} of {h}×{w} images given at that size to both models (torchvision's "

@@ -86,7 +86,7 @@ def detector_steps(overrides: list[str], num_batches: int):
 def teacher_step(after: bool):
     """A closure timing one teacher training step (mean of 5)."""
     from ovd.clip import create_clip
-    from ovd.clip.teacher import TeacherConfig, _normalize, _param_groups, augment, contrastive_loss
+    from ovd.clip.teacher import TeacherConfig, _param_groups, augment, contrastive_loss, normalize
 
     cfg = TeacherConfig()
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def teacher_step(after: bool):
     def run() -> float:
         t = time.perf_counter()
         for _ in range(5):
-            x = _normalize(augment(pixels.permute(0, 3, 1, 2).float().div(255.0), cfg, gen), clip)
+            x = normalize(augment(pixels.permute(0, 3, 1, 2).float().div(255.0), cfg, gen), clip)
             if after:
                 x = x.contiguous(memory_format=torch.channels_last)
             image_features, text_features, scale = model(x, tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -15,6 +16,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def describe(threads: int) -> str:
+    """``"N CPUs available (nproc), <CPU model>; torch.set_num_threads(T); Python x, torch y, torchvision z"``."""
+    import torch
+    import torchvision
+
+    return (
+        f"{len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}; torch.set_num_threads({threads}); "
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
 
 
 def emit_report(lines: list[str], output: str) -> None:

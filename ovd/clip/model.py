@@ -133,7 +133,7 @@ def _tokenizer(model_name: str) -> Callable[..., Tensor]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run in eval mode and without gradients, restoring the previous train/eval mode afterwards."""
     was_training = model.training
     model.eval()
@@ -193,7 +193,7 @@ class ClipBundle:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = self.device
         out = [torch.zeros(0, self.embed_dim, device=device)]
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for start in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(list(texts[start : start + batch_size])).to(device)  # (n, L)
                 out.append(self.model.encode_text(tokens, normalize=False).float())  # (n, D)
@@ -213,7 +213,7 @@ class ClipBundle:
                 f"expected images of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), "
                 f"got {tuple(images.shape)}"
             )
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self.model.encode_image(images.to(self.device), normalize=False).float()  # (B, D)
 
 

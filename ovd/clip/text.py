@@ -26,7 +26,7 @@ import open_clip
 import torch
 from torch import Tensor
 
-from ovd.clip.model import ClipBundle, ClipSpec, _eval_mode, create_clip
+from ovd.clip.model import ClipBundle, ClipSpec, create_clip, eval_mode
 from ovd.errors import OVDError
 from ovd.utils.io import atomic_open, read_json, write_json
 
@@ -118,7 +118,7 @@ def build_text_embeddings(
     names = validate_vocabulary(class_names)
     temps = validate_templates(templates)
     fillers = [partial(_fill, t) for t in temps]
-    with _eval_mode(clip.model):
+    with eval_mode(clip.model):
         weights = open_clip.build_zero_shot_classifier(
             clip.model,
             clip.tokenizer,

@@ -1,6 +1,7 @@
 """Built-in datasets: OV-COCO (METHOD §6.1) and the synthetic OV-Shapes worlds.
 
-Registration is an explicit function call made once by :func:`ovd.data.catalog.get_dataset`.
+:func:`register_all` is the catalog's registration hook (added by ``ovd/data/__init__.py``, run once at
+the first lookup): this module imports the catalog and its entries, the catalog imports neither.
 """
 
 from __future__ import annotations

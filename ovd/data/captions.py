@@ -137,10 +137,10 @@ def coco_synonyms() -> dict[int, list[str]]:
 
 
 def ovshapes_synonyms() -> dict[int, list[str]]:
-    """``{OV-Shapes category id (1..K): [name, synonyms...]}`` from :data:`ovd.data.ovshapes.CLASSES`."""
-    from ovd.data.ovshapes import CLASSES
+    """``{OV-Shapes category id (1..K): [name, synonyms...]}`` from :data:`ovd.data.ovshapes_meta.CLASSES`."""
+    from ovd.data.ovshapes_meta import synonyms
 
-    return {k + 1: list(cls.terms) for k, cls in enumerate(CLASSES)}
+    return synonyms()
 
 
 SYNONYM_TABLES: dict[str, Callable[[], dict[int, list[str]]]] = {

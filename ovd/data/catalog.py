@@ -3,6 +3,15 @@
 Paths in the catalog are relative to the datasets root, ``$OVD_DATASETS`` (default ``datasets/``
 under the current directory), unless absolute. A dataset may carry a ``prepare`` callable that
 generates its files when they are missing (the built-in synthetic worlds).
+
+The catalog imports none of its entries: modules that define datasets register them through
+:func:`add_registration_hook`, whose hooks run once, at the first lookup (``ovd/data/__init__.py``
+adds the built-ins' hook, :func:`ovd.data.builtin.register_all`), so imports run one way.
+
+``ann_type`` is ``"box"`` (boxes of every annotated class), ``"image"`` (image-level labels only,
+``pos_category_ids``) or ``"pseudo"`` (PIS pseudo boxes: one box per image-level label, METHOD §4.1).
+``evaluator`` names the metric a box dataset is scored with: ``"coco_ovd"`` or ``"lvis"``
+(:func:`ovd.evaluation.evaluator.build_evaluator`).
 """
 
 from __future__ import annotations
@@ -36,9 +45,11 @@ class DatasetInfo:
         category_ids: dataset category id of each contiguous id (``C`` ids).
         base_classes: contiguous ids of classes trained with boxes.
         novel_classes: contiguous ids of held-out classes evaluated as novel.
-        ann_type: ``"box"`` or ``"image"`` (image-level labels only).
+        ann_type: ``"box"``, ``"image"`` (image-level labels only) or ``"pseudo"`` (pseudo boxes).
         prepare: optional ``prepare(info) -> None`` that writes the files when missing.
         extra: free-form metadata (caption file, synonyms file, split preset, ...).
+        evaluator: the metric it is scored with: ``"coco_ovd"`` (novel / base AP50) or ``"lvis"``
+            (federated, APr / APc / APf); see :mod:`ovd.evaluation.evaluator`.
     """
 
     name: str
@@ -51,6 +62,7 @@ class DatasetInfo:
     ann_type: str = "box"
     prepare: Callable[[DatasetInfo], None] | None = field(default=None, compare=False, repr=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    evaluator: str = "coco_ovd"
 
     def __post_init__(self) -> None:
         if len(self.class_names) != len(self.category_ids):
@@ -114,15 +126,25 @@ def with_paths(info: DatasetInfo, *, image_root: str, ann_file: str) -> DatasetI
     return replace(info, image_root=image_root, ann_file=ann_file)
 
 
-_BUILTINS_LOADED = False
+_HOOKS: list[Callable[[], None]] = []
+_HOOKS_RUN = False
 
 
-def _ensure_builtins() -> None:
-    """Register the built-in datasets once (plain function calls, no import-time scanning)."""
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
+def add_registration_hook(hook: Callable[[], None]) -> None:
+    """Have ``hook()`` register its datasets at the first lookup (at once if lookups already ran)."""
+    _HOOKS.append(hook)
+    if _HOOKS_RUN:
+        hook()
+
+
+def ensure_registered() -> None:
+    """Run the registration hooks once (plain function calls, no import-time scanning)."""
+    global _HOOKS_RUN
+    if _HOOKS_RUN:
         return
-    _BUILTINS_LOADED = True
-    from ovd.data import builtin
+    _HOOKS_RUN = True
+    for hook in _HOOKS:
+        hook()
 
-    builtin.register_all()
+
+_ensure_builtins = ensure_registered  # the name the lookups call

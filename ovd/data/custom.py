@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ovd.data.catalog import DatasetInfo, _ensure_builtins, list_datasets, register_dataset
+from ovd.data.catalog import DatasetInfo, ensure_registered, list_datasets, register_dataset
 from ovd.errors import OVDError
 from ovd.utils.io import read_json
 
@@ -77,7 +77,7 @@ def register_custom_datasets(specs: Sequence[CustomDatasetCfg]) -> list[str]:
         OVDError: an invalid entry (see :func:`custom_dataset_info`), two entries with one name, or a
             name that a built-in dataset already uses.
     """
-    _ensure_builtins()
+    ensure_registered()
     seen: set[str] = set()
     for i, spec in enumerate(specs):
         if spec.name in seen:

@@ -446,6 +446,7 @@ def register_lvis(root: str | os.PathLike[str] | None = None) -> None:
                 ann_file=ann_file,
                 ann_type=ann_type,
                 extra={**extra, **more},
+                evaluator="lvis",
                 **vocab,
             ),
             overwrite=True,

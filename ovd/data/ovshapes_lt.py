@@ -61,53 +61,55 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import multiprocessing
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-from pycocotools import mask as mask_util
 
 from ovd.data import lvis
 from ovd.data.catalog import DatasetInfo, datasets_root, register_dataset
-from ovd.data.ovshapes import (
-    _PARALLEL_MIN_IMAGES,
-    _PNG_PARAMS,
-    _VAL_ID_OFFSET,
-    CLASS_NAMES,
-    CLASSES,
-    OVShapesPreset,
-    _background,
-    _check_seed,
-    _draw_clutter,
-    _paint,
-    _place_objects,
-    _tight_box,
-    _worker_init,
+from ovd.data.ovshapes_lt_tail import (
+    COMMON,
+    FREQUENT,
+    PRESETS,
+    RARE,
+    TAIL,
+    OVShapesLTPreset,
+    declared_frequencies,
+    frequency_of,
+    resolve_preset,
+    train_image_targets,
+    val_image_targets,
+)
+from ovd.data.ovshapes_meta import CLASS_NAMES, CLASSES
+from ovd.data.ovshapes_render import (
+    VAL_ID_OFFSET,
+    check_seed,
+    encode_record,
+    finish_image,
+    is_complete,
+    new_image,
+    place_objects,
+    render_pool,
+    tight_box,
 )
 from ovd.errors import OVDError
-from ovd.utils.io import atomic_write, read_json, write_json
+from ovd.utils.io import read_json, write_json
+
+__all__ = [  # the public names of OV-Shapes-LT, wherever they are defined
+    "ANNOTATION_FILES", "COMMON", "FOLDER", "FORMAT_VERSION", "FREQUENT", "IMAGENET_FILE", "IMAGE_LABELS_FILE",
+    "PRESETS", "RARE", "TAIL", "OVShapesLTPreset", "allocate", "categories", "declared_frequencies", "frequency_of",
+    "generate_imagenet_split", "generate_ovshapes_lt", "image_labels", "register_ovshapes_lt", "render_lt_image",
+    "resolve_preset", "train_image_targets", "val_image_targets",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the output changes, so stale folders are not mistaken for current ones
 FOLDER = "ovshapes_lt"  # under the datasets root
-
-FREQUENT, COMMON, RARE = "f", "c", "r"
-TAIL: tuple[tuple[str, str], ...] = (
-    ("circle", FREQUENT), ("square", FREQUENT), ("triangle", FREQUENT), ("star", FREQUENT),
-    ("cross", FREQUENT), ("arrow", FREQUENT),
-    ("house", COMMON), ("cloud", COMMON), ("bell", COMMON), ("spiral", COMMON), ("ring", COMMON), ("tree", COMMON),
-    ("heart", RARE), ("crescent", RARE), ("lightning bolt", RARE), ("key", RARE),
-)  # fmt: skip
-"""Every class, most frequent first, with its declared LVIS group: 6 frequent, 6 common and 4 rare (LVIS
-v1: 405 / 461 / 337 of 1203). The rare ones are OV-Shapes novel classes."""
 
 IMAGE_LABELS_FILE = "train_image_labels.json"  # derived from train.json when first needed
 IMAGENET_FILE = "imagenet_image_labels.json"  # the class-balanced image-label split, generated when first needed
@@ -116,151 +118,6 @@ ANNOTATION_FILES = ("val.json", "train.json", "train_norare_cat_info.json", "tra
 _STREAM = 100  # seed stream of this world; OV-Shapes uses 0-3
 _SPLITS = {"train": 0, "val": 1, "imagenet": 2}
 _MAX_ATTEMPTS = 20  # redraws of an image whose allocated objects do not all fit
-
-
-@dataclass(frozen=True)
-class OVShapesLTPreset:
-    """Size, tail and annotation protocol of one world (``root/ovshapes_lt/<name>/``).
-
-    Attributes:
-        name: folder name.
-        num_train, num_val: number of images.
-        num_imagenet: images of the class-balanced image-label split (generated separately on first
-            use, so it is not part of the world's identity in ``train_norare.json``).
-        head_fraction: share of train (and val) images holding the most frequent class.
-        decay: ratio of the train image counts of consecutive tail ranks.
-        val_decay: the same in val (flatter, so rare classes get enough val instances).
-        val_min_images: val images per class at least.
-        rare_fraction, common_fraction: the r/c/f thresholds as shares of ``num_train`` (module docstring).
-        extra_instance_prob: an allocated (class, image) pair gets one more instance with this
-            probability, repeatedly, up to ``max_instances``.
-        max_instances: instances of one class in one image at most.
-        neg_fraction: share of an image's absent classes listed in ``neg_category_ids``.
-        not_exhaustive_prob: val: chance that an image drops one instance of a class drawn twice or more.
-        image_size, object_size, clutter_per_image, max_box_iou, max_occlusion: drawing, as
-            :class:`~ovd.data.ovshapes.OVShapesPreset`.
-    """
-
-    name: str
-    num_train: int
-    num_val: int
-    num_imagenet: int = 800
-    head_fraction: float = 0.7
-    decay: float = 0.69
-    val_decay: float = 0.83
-    val_min_images: int = 15
-    rare_fraction: float = 0.01
-    common_fraction: float = 0.1
-    extra_instance_prob: float = 0.25
-    max_instances: int = 3
-    neg_fraction: float = 0.5
-    not_exhaustive_prob: float = 0.15
-    image_size: tuple[int, int] = (224, 288)
-    object_size: tuple[float, float] = (16.0, 96.0)
-    clutter_per_image: tuple[int, int] = (0, 6)
-    max_box_iou: float = 0.3
-    max_occlusion: float = 0.2
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, what: str) -> None:
-            if not ok:
-                raise OVDError(f"invalid OV-Shapes-LT preset: {what}", field=f"preset[{self.name}]")
-
-        check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name must be a plain folder name")
-        check(self.num_train >= 8 and self.num_val >= 1, "num_train must be >= 8 and num_val >= 1")
-        check(self.num_imagenet >= 0, "num_imagenet must be >= 0")
-        for label, value in (
-            ("head_fraction", self.head_fraction),
-            ("decay", self.decay),
-            ("val_decay", self.val_decay),
-        ):
-            check(0 < value <= 1, f"{label} must lie in (0, 1]")
-        check(0 < self.rare_fraction < self.common_fraction < 1, "need 0 < rare_fraction < common_fraction < 1")
-        check(1 <= self.val_min_images <= self.num_val, "val_min_images must lie in [1, num_val]")
-        check(0 <= self.extra_instance_prob < 1 and self.max_instances >= 1, "bad instance settings")
-        check(0 <= self.neg_fraction <= 1 and 0 <= self.not_exhaustive_prob <= 1, "probabilities lie in [0, 1]")
-        self.drawing()  # checks the drawing settings
-
-    def drawing(self) -> OVShapesPreset:
-        """The OV-Shapes drawing settings (object count bounds are unused: objects are allocated)."""
-        return OVShapesPreset(
-            self.name,
-            num_train=self.num_train,
-            num_val=self.num_val,
-            image_size=self.image_size,
-            object_size=self.object_size,
-            clutter_per_image=self.clutter_per_image,
-            max_box_iou=self.max_box_iou,
-            max_occlusion=self.max_occlusion,
-        )
-
-    @property
-    def rare_max(self) -> int:
-        """Largest train image count of a rare class."""
-        return max(1, math.floor(self.rare_fraction * self.num_train))
-
-    @property
-    def common_max(self) -> int:
-        """Largest train image count of a common class (frequent above)."""
-        return max(self.rare_max + 1, math.floor(self.common_fraction * self.num_train))
-
-
-PRESETS: dict[str, OVShapesLTPreset] = {
-    "small": OVShapesLTPreset("small", num_train=64, num_val=32, num_imagenet=32, val_min_images=3),
-    "default": OVShapesLTPreset("default", num_train=2000, num_val=400),
-}
-
-
-def resolve_preset(preset: str | OVShapesLTPreset) -> OVShapesLTPreset:
-    """A preset by name (or itself). Unknown names raise :class:`OVDError` listing the valid ones."""
-    if isinstance(preset, OVShapesLTPreset):
-        return preset
-    if preset not in PRESETS:
-        raise OVDError(f"unknown OV-Shapes-LT preset {preset!r} (valid: {', '.join(sorted(PRESETS))})")
-    return PRESETS[preset]
-
-
-# ----------------------------------------------------------------------------------------------
-# The tail
-
-
-def declared_frequencies() -> tuple[str, ...]:
-    """The declared LVIS group (``"r"``, ``"c"``, ``"f"``) of each class, in :data:`CLASSES` order."""
-    groups = dict(TAIL)
-    return tuple(groups[name] for name in CLASS_NAMES)
-
-
-def frequency_of(image_count: int, preset: OVShapesLTPreset) -> str:
-    """The LVIS group of a class with ``image_count`` train images, by the preset's thresholds."""
-    if image_count <= preset.rare_max:
-        return RARE
-    return COMMON if image_count <= preset.common_max else FREQUENT
-
-
-def train_image_targets(preset: str | OVShapesLTPreset) -> np.ndarray:
-    """``int64[K]`` train images allocated to each class (in :data:`CLASSES` order; module docstring)."""
-    preset = resolve_preset(preset)
-    band = {
-        RARE: (1, preset.rare_max),
-        COMMON: (preset.rare_max + 1, preset.common_max),
-        FREQUENT: (preset.common_max + 1, preset.num_train),
-    }
-    out = np.zeros(len(CLASSES), dtype=np.int64)
-    for rank, (name, group) in enumerate(TAIL):
-        raw = round(preset.num_train * preset.head_fraction * preset.decay**rank)
-        lo, hi = band[group]
-        out[CLASS_NAMES.index(name)] = min(max(raw, lo), hi)
-    return out
-
-
-def val_image_targets(preset: str | OVShapesLTPreset) -> np.ndarray:
-    """``int64[K]`` val images allocated to each class (in :data:`CLASSES` order)."""
-    preset = resolve_preset(preset)
-    out = np.zeros(len(CLASSES), dtype=np.int64)
-    for rank, (name, _) in enumerate(TAIL):
-        raw = round(preset.num_val * preset.head_fraction * preset.val_decay**rank)
-        out[CLASS_NAMES.index(name)] = min(max(raw, preset.val_min_images), preset.num_val)
-    return out
 
 
 def _split_rng(seed: int, split: str, *key: int) -> np.random.Generator:
@@ -318,28 +175,21 @@ def render_lt_image(
         unless ``_MAX_ATTEMPTS`` redraws fail (then the last draw's objects).
     """
     preset = resolve_preset(preset)
-    drawing = preset.drawing()
     for attempt in range(_MAX_ATTEMPTS):
         rng = _split_rng(seed, split, index + 2, attempt)
-        height, width = (int(v) for v in rng.integers(preset.image_size[0], preset.image_size[1] + 1, 2))
-        background, _ = _background(rng, height, width)
-        image = background.copy()
-        _draw_clutter(rng, image, int(rng.integers(preset.clutter_per_image[0], preset.clutter_per_image[1] + 1)))
-        placed = _place_objects(rng, list(class_ids), drawing, height, width)
+        image, back, _ = new_image(rng, preset.image_size, preset.clutter_per_image)
+        height, width = image.shape[:2]
+        placed = place_objects(rng, list(class_ids), preset, height, width)
         if len(placed) == len(class_ids):
             break
-    for obj in placed:
-        _paint(rng, image, background, obj)
-    if rng.random() < 0.5:  # sensor noise on half of the images, as OV-Shapes
-        image += np.float32(rng.uniform(1, 6)) * rng.standard_normal(image.shape, dtype=np.float32)
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    image = finish_image(rng, image, back, placed)
     owner = np.full((height, width), -1, dtype=np.int16)  # top-most object per pixel (later ones on top)
     for j, obj in enumerate(placed):
         owner[obj.mask.astype(bool)] = j
     objects = []
     for j, obj in enumerate(placed):
         visible = (owner == j).astype(np.uint8)  # (H, W)
-        box = _tight_box(visible)
+        box = tight_box(visible)
         if box is not None:  # always: occlusion is bounded by max_occlusion < 1
             objects.append({"class_id": obj.class_id, "box": box, "mask": visible})
     return image, objects
@@ -349,35 +199,7 @@ def _render_record(job: tuple[OVShapesLTPreset, int, str, int, list[int], str]) 
     """Render one image, write its PNG, return its JSON pieces (worker function)."""
     preset, seed, split, index, class_ids, out_dir = job
     image, objects = render_lt_image(preset, seed, split, index, class_ids)
-    file_name = f"{split}_{index:06d}.png"
-    ok, png = cv2.imencode(".png", image[:, :, ::-1], _PNG_PARAMS)  # RGB → BGR for OpenCV
-    if not ok:  # pragma: no cover - OpenCV failure
-        raise OVDError("PNG encoding failed", path=Path(out_dir) / file_name)
-    atomic_write(Path(out_dir) / file_name, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
-    anns = []
-    for obj in objects:
-        rle = mask_util.encode(np.asfortranarray(obj["mask"]))
-        x1, y1, x2, y2 = obj["box"]
-        anns.append(
-            {
-                "class_id": obj["class_id"],
-                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                "area": float(obj["mask"].sum()),
-                "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            }
-        )
-    return {
-        "image": {"file_name": file_name, "height": image.shape[0], "width": image.shape[1]},
-        "anns": anns,
-        "drawn": list(class_ids),
-    }
-
-
-def _render_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
-    if workers <= 1 or len(jobs) < _PARALLEL_MIN_IMAGES or "fork" not in multiprocessing.get_all_start_methods():
-        return [_render_record(job) for job in jobs]
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
-        return pool.map(_render_record, jobs, chunksize=16)  # ordered: output does not depend on workers
+    return {**encode_record(image, objects, out_dir, f"{split}_{index:06d}.png"), "drawn": list(class_ids)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +240,7 @@ def _lvis_json(
     rng = _split_rng(seed, split, _FEDERATED)
     images, anns = [], []
     for i, rec in enumerate(records):
-        image_id = i + 1 + (_VAL_ID_OFFSET if split == "val" else 0)
+        image_id = i + 1 + (VAL_ID_OFFSET if split == "val" else 0)
         kept = list(rec["anns"])
         not_exhaustive: list[int] = []
         if split == "val" and rng.random() < preset.not_exhaustive_prob:
@@ -458,20 +280,6 @@ def _world_info(preset: OVShapesLTPreset, seed: int) -> dict[str, Any]:
     }
 
 
-def _is_complete(folder: Path, info: dict, overwrite: bool) -> bool:
-    if not all((folder / "annotations" / f).is_file() for f in ANNOTATION_FILES):
-        return False
-    found = read_json(folder / "annotations" / "train_norare.json").get("info")
-    if found == info:
-        return True
-    if overwrite:
-        return False
-    raise OVDError(
-        f"holds another OV-Shapes-LT world (info {found}, wanted {info}); pass overwrite=True or choose another root",
-        path=folder,
-    )
-
-
 def generate_ovshapes_lt(
     root: str | os.PathLike[str] | None = None,
     preset: str | OVShapesLTPreset = "default",
@@ -497,10 +305,10 @@ def generate_ovshapes_lt(
             ``overwrite``), or a preset whose rendered train counts do not give the declared r/c/f groups.
     """
     preset = resolve_preset(preset)
-    _check_seed(seed)
+    check_seed(seed)
     folder = Path(datasets_root() if root is None else root) / FOLDER / preset.name
     info = _world_info(preset, seed)
-    if _is_complete(folder, info, overwrite):
+    if is_complete(folder, info, files=ANNOTATION_FILES, world="OV-Shapes-LT", overwrite=overwrite):
         return folder
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     jobs = []
@@ -508,7 +316,7 @@ def generate_ovshapes_lt(
         (folder / split).mkdir(parents=True, exist_ok=True)
         allocation = allocate(preset, seed, split)
         jobs += [(preset, seed, split, i, ids, str(folder / split)) for i, ids in enumerate(allocation)]
-    rendered = _render_all(jobs, workers)
+    rendered = render_pool(_render_record, jobs, workers)
     records = {"train": rendered[: preset.num_train], "val": rendered[preset.num_train :]}
 
     image_counts, instance_counts = _counts(records["train"])
@@ -582,7 +390,7 @@ def generate_imagenet_split(
     out.mkdir(exist_ok=True)
     allocation = allocate(preset, seed, "imagenet")
     jobs = [(preset, seed, "imagenet", i, ids, str(out)) for i, ids in enumerate(allocation)]
-    rendered = _render_all(jobs, min(2, os.cpu_count() or 1))
+    rendered = render_pool(_render_record, jobs, min(2, os.cpu_count() or 1))
     images = [
         {"id": i + 1 + _IMAGENET_ID_OFFSET, **rec["image"], "pos_category_ids": sorted({k + 1 for k in rec["drawn"]})}
         for i, rec in enumerate(rendered)
@@ -636,6 +444,7 @@ def register_ovshapes_lt() -> None:
                 ann_file=f"{folder}/annotations/{ann}.json",
                 prepare=prepare,
                 extra=dict(extra),
+                evaluator="lvis",
                 **common,
             )
             register_dataset(info, overwrite=True)

@@ -17,132 +17,39 @@ All numbers are in percent (0-100). Shape legend of the precision array: ``T`` I
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import math
-import numbers
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ovd.errors import OVDError
-from ovd.utils.io import atomic_open, read_json, write_json
+from ovd.evaluation.common import (
+    AREA_KEYS,
+    IOU_50,
+    IOU_75,
+    IOU_TYPES,
+    Precision,
+    check_box,
+    fmt,
+    is_int,
+    is_real,
+    load_gt,
+    mean_valid,
+    quiet,
+    require,
+    silent,
+    write_metrics_report,
+)
+from ovd.utils.io import write_json
 
 logger = logging.getLogger(__name__)
-
-PERCENT = 100.0  # the reference README reports AP in percent
-IOU_50 = 0.5  # COCO's loose IoU threshold (AP50)
-IOU_75 = 0.75  # COCO's strict IoU threshold (AP75)
-# COCOeval's area-range labels (pycocotools ``Params.setDetParams``), reported as AP / APs / APm / APl.
-AREA_KEYS = {"all": "AP", "small": "APs", "medium": "APm", "large": "APl"}
-
-Precision = np.ndarray  # float[T, R, K, A, M], -1 where a category has no ground truth
-
 
 # ----------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_int(x: Any) -> bool:
-    # The exact-type test is a fast path: ABC isinstance checks dominate on 10^5 detections.
-    return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
-
-
-def _is_real(x: Any) -> bool:
-    if type(x) is float or type(x) is int:
-        return math.isfinite(x)
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _box(value: Any, *, field: str, path: str | None) -> list[float]:
-    """Check an ``[x, y, w, h]`` box and return it as plain floats."""
-    if type(value) is not list and (isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__")):
-        raise OVDError("bbox must be a list [x, y, w, h]", path=path, field=field)
-    if len(value) != 4:
-        raise OVDError(f"bbox must have 4 numbers [x, y, w, h], got {len(value)}", path=path, field=field)
-    for v in value:
-        if not _is_real(v):
-            raise OVDError(f"bbox must hold 4 finite numbers, got {list(value)!r}", path=path, field=field)
-    box = [float(v) for v in value]
-    if box[2] < 0 or box[3] < 0:
-        raise OVDError(f"bbox width and height must be >= 0, got {box}", path=path, field=field)
-    return box
-
-
-def _require(record: Any, key: str, *, field: str, path: str | None) -> Any:
-    if type(record) is not dict and not isinstance(record, Mapping):
-        raise OVDError(f"expected an object, got {type(record).__name__}", path=path, field=field)
-    if key not in record:
-        raise OVDError(f"missing key {key!r}", path=path, field=f"{field}.{key}")
-    return record[key]
-
-
-def _load_gt(gt: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Read (if needed) and normalise a COCO GT dict; the caller's dict is never modified.
-
-    Annotations are copied, renumbered ``1..N`` (both evaluators index them by id), and get the
-    ``area`` (box area) and ``iscrowd`` (0) fields the evaluators need when those are missing.
-    """
-    path = None if isinstance(gt, Mapping) else str(gt)
-    raw = gt if isinstance(gt, Mapping) else read_json(gt)
-    if not isinstance(raw, Mapping):
-        raise OVDError(f"a COCO annotation file must hold an object, got {type(raw).__name__}", path=path)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(raw.get(key), list):
-            raise OVDError("missing or not a list", path=path, field=key)
-    if not raw["images"]:
-        raise OVDError("no images to evaluate on", path=path, field="images")
-    if not raw["categories"]:
-        raise OVDError("no categories to evaluate", path=path, field="categories")
-
-    images, image_ids = [], set()
-    for i, img in enumerate(raw["images"]):
-        img_id = _require(img, "id", field=f"images[{i}]", path=path)
-        if not _is_int(img_id) or img_id in image_ids:
-            raise OVDError(f"image id must be a unique integer, got {img_id!r}", path=path, field=f"images[{i}].id")
-        image_ids.add(int(img_id))
-        images.append({**img, "id": int(img_id)})
-
-    categories, cat_ids = [], set()
-    for i, cat in enumerate(raw["categories"]):
-        cat_id = _require(cat, "id", field=f"categories[{i}]", path=path)
-        if not _is_int(cat_id) or cat_id in cat_ids:
-            raise OVDError(
-                f"category id must be a unique integer, got {cat_id!r}",
-                path=path,
-                field=f"categories[{i}].id",
-            )
-        cat_ids.add(int(cat_id))
-        categories.append({**cat, "id": int(cat_id), "name": str(cat.get("name", cat_id))})
-
-    annotations = []
-    for i, ann in enumerate(raw["annotations"]):
-        where = f"annotations[{i}]"
-        img_id = _require(ann, "image_id", field=where, path=path)
-        if not _is_int(img_id) or img_id not in image_ids:
-            raise OVDError(f"image id {img_id!r} is not in 'images'", path=path, field=f"{where}.image_id")
-        cat_id = _require(ann, "category_id", field=where, path=path)
-        if not _is_int(cat_id) or cat_id not in cat_ids:
-            raise OVDError(f"category id {cat_id!r} is not in 'categories'", path=path, field=f"{where}.category_id")
-        box = _box(_require(ann, "bbox", field=where, path=path), field=f"{where}.bbox", path=path)
-        annotations.append(
-            {
-                **ann,
-                "id": i + 1,
-                "image_id": int(img_id),
-                "category_id": int(cat_id),
-                "bbox": box,
-                "area": float(ann.get("area", box[2] * box[3])),
-                "iscrowd": int(ann.get("iscrowd", 0)),
-            }
-        )
-    dataset = {"images": images, "annotations": annotations, "categories": categories}
-    return dataset, path
 
 
 def _segmentation(value: Any, *, field: str) -> dict[str, Any]:
@@ -150,7 +57,7 @@ def _segmentation(value: Any, *, field: str) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not isinstance(value.get("counts"), (str, bytes)):
         raise OVDError("segmentation must be a compressed RLE {'size': [h, w], 'counts': str}", field=field)
     size = value.get("size")
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(is_int(v) and v > 0 for v in size):
         raise OVDError(f"segmentation size must be [h, w], got {size!r}", field=f"{field}.size")
     counts = value["counts"]
     return {"size": [int(v) for v in size], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
@@ -163,18 +70,18 @@ def _normalize_detection(
 
     A ``segmentation`` (compressed RLE, from a Mask R-CNN) is checked and kept when present."""
     where = f"detections[{i}]"
-    image_id = _require(det, "image_id", field=where, path=None)
-    category_id = _require(det, "category_id", field=where, path=None)
-    score = _require(det, "score", field=where, path=None)
+    image_id = require(det, "image_id", field=where, path=None)
+    category_id = require(det, "category_id", field=where, path=None)
+    score = require(det, "score", field=where, path=None)
     for key, value, known in (("image_id", image_id, image_ids), ("category_id", category_id, cat_ids)):
-        if not _is_int(value):
+        if not is_int(value):
             raise OVDError(f"must be an integer, got {value!r}", field=f"{where}.{key}")
         if known is not None and value not in known:
             what = "an image" if key == "image_id" else "a category"
             raise OVDError(f"id {value} is not {what} of the ground truth", field=f"{where}.{key}")
-    if not _is_real(score):
+    if not is_real(score):
         raise OVDError(f"score must be a finite number, got {score!r}", field=f"{where}.score")
-    box = _box(_require(det, "bbox", field=where, path=None), field=f"{where}.bbox", path=None)
+    box = check_box(require(det, "bbox", field=where, path=None), field=f"{where}.bbox", path=None)
     out = {"image_id": int(image_id), "category_id": int(category_id), "bbox": box, "score": float(score)}
     if "segmentation" in det:
         out["segmentation"] = _segmentation(det["segmentation"], field=f"{where}.segmentation")
@@ -198,7 +105,7 @@ def _check_split(ids: Sequence[int], name: str, cat_ids: set[int], path: str | N
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise OVDError(f"expected a list of category ids, got {type(ids).__name__}", field=name)
     for i, cat_id in enumerate(ids):
-        if not _is_int(cat_id) or cat_id not in cat_ids:
+        if not is_int(cat_id) or cat_id not in cat_ids:
             raise OVDError(
                 f"category id {cat_id!r} is not a category of the ground truth",
                 path=path,
@@ -212,29 +119,15 @@ def _check_split(ids: Sequence[int], name: str, cat_ids: set[int], path: str | N
 # ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Swallow the evaluators' progress prints (pycocotools prints unconditionally)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """A ``print_function`` for faster-coco-eval that prints nothing."""
-
-
-IOU_TYPES = ("bbox", "segm")  # box or mask IoU (segm needs a ``segmentation`` in every GT and detection)
-
-
 def _run_faster(
     dataset: dict[str, Any], dets: list[dict[str, Any]], max_dets: int, iou_type: str = "bbox"
 ) -> tuple[Precision, Any]:
     from faster_coco_eval import COCO, COCOeval_faster
 
-    with _quiet():
-        coco_gt = COCO(dataset, print_function=_silent)
+    with quiet():
+        coco_gt = COCO(dataset, print_function=silent)
         coco_dt = coco_gt.loadRes(dets)  # handles an empty list
-        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=_silent)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=silent)
         evaluator.params.maxDets = [max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
@@ -247,7 +140,7 @@ def _run_pycocotools(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    with _quiet():
+    with quiet():
         coco_gt = COCO()
         coco_gt.dataset = dataset
         coco_gt.createIndex()
@@ -277,12 +170,6 @@ _BACKENDS: dict[str, Callable[[dict[str, Any], list[dict[str, Any]], int, str], 
 # ----------------------------------------------------------------------------------------------
 # Metric
 # ----------------------------------------------------------------------------------------------
-
-
-def _mean_valid(values: np.ndarray) -> float | None:
-    """Mean of the entries > -1 in percent, as COCOeval's ``_summarize``; None when there are none."""
-    valid = values[values > -1]
-    return float(np.mean(valid)) * PERCENT if valid.size else None
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -329,11 +216,11 @@ def evaluate_ovd(
     """
     if backend not in _BACKENDS:
         raise OVDError(f"unknown backend {backend!r}; valid: {sorted(_BACKENDS)}", field="backend")
-    if not _is_int(max_dets) or max_dets < 1:
+    if not is_int(max_dets) or max_dets < 1:
         raise OVDError(f"must be a positive integer, got {max_dets!r}", field="max_dets")
     if iou_type not in IOU_TYPES:
         raise OVDError(f"unknown iou_type {iou_type!r}; valid: {list(IOU_TYPES)}", field="iou_type")
-    dataset, path = _load_gt(gt)
+    dataset, path = load_gt(gt)
     cat_ids = {cat["id"] for cat in dataset["categories"]}
     base = _check_split(base_category_ids, "base_category_ids", cat_ids, path)
     novel = _check_split(novel_category_ids, "novel_category_ids", cat_ids, path)
@@ -366,8 +253,8 @@ def evaluate_ovd(
                 "category_id": cat_id,
                 "name": names[cat_id],
                 "split": split,
-                "AP50": _mean_valid(p_all[t50, :, k]),
-                "AP": _mean_valid(p_all[:, :, k]),
+                "AP50": mean_valid(p_all[t50, :, k]),
+                "AP": mean_valid(p_all[:, :, k]),
                 "num_gt": num_gt[cat_id],
             }
         )
@@ -378,14 +265,14 @@ def evaluate_ovd(
     def with_gt(split: str | None) -> int:
         return sum(c["AP50"] is not None and (split is None or c["split"] == split) for c in per_class)
 
-    ap50_all = _mean_valid(p_all[t50])
+    ap50_all = mean_valid(p_all[t50])
     metrics: dict[str, Any] = {
         "AP50_novel": split_ap50("novel"),
         "AP50_base": split_ap50("base"),
         "AP50_all": ap50_all,
-        **{key: _mean_valid(precision[:, :, :, area[label], -1]) for label, key in AREA_KEYS.items()},
+        **{key: mean_valid(precision[:, :, :, area[label], -1]) for label, key in AREA_KEYS.items()},
         "AP50": ap50_all,
-        "AP75": _mean_valid(p_all[t75]),
+        "AP75": mean_valid(p_all[t75]),
         "num_images": len(dataset["images"]),
         "num_detections": len(dets),
         "num_classes_with_gt": {"base": with_gt("base"), "novel": with_gt("novel"), "all": with_gt(None)},
@@ -397,7 +284,7 @@ def evaluate_ovd(
     logger.info(
         "OV-COCO (%s): AP50 novel %s, base %s, all %s; AP %s",
         backend,
-        *(_fmt(metrics[key]) for key in ("AP50_novel", "AP50_base", "AP50_all", "AP")),
+        *(fmt(metrics[key]) for key in ("AP50_novel", "AP50_base", "AP50_all", "AP")),
     )
     return metrics
 
@@ -408,10 +295,6 @@ def evaluate_ovd(
 
 _SUMMARY_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP50", "AP75", "APs", "APm", "APl")
 _SPLIT_ORDER = {"novel": 0, "base": 1, "other": 2}
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -435,7 +318,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         "",
         "| metric | value |",
         "|---|---:|",
-        *(f"| {key} | {_fmt(metrics.get(key))} |" for key in _SUMMARY_KEYS if key in metrics),
+        *(f"| {key} | {fmt(metrics.get(key))} |" for key in _SUMMARY_KEYS if key in metrics),
         "",
         "| category | id | split | #gt | AP50 | AP |",
         "|---|---:|---|---:|---:|---:|",
@@ -443,7 +326,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     rows = sorted(metrics.get("per_class", []), key=lambda c: (_SPLIT_ORDER.get(c["split"], 3), c["category_id"]))
     for c in rows:
         lines.append(
-            f"| {c['name']} | {c['category_id']} | {c['split']} | {c['num_gt']} | {_fmt(c['AP50'])} | {_fmt(c['AP'])} |"
+            f"| {c['name']} | {c['category_id']} | {c['split']} | {c['num_gt']} | {fmt(c['AP50'])} | {fmt(c['AP'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -468,12 +351,8 @@ def write_report(
     Returns:
         The path of ``metrics.json``.
     """
-    output_dir = Path(output_dir)
     results = None if detections is None else _normalize_detections(detections)
-    metrics_path = output_dir / "metrics.json"
-    write_json(metrics_path, metrics)
-    with atomic_open(output_dir / "per_class.md", "w") as f:
-        f.write(format_table(metrics))
+    metrics_path = write_metrics_report(metrics, format_table(metrics), output_dir)
     if results is not None:
-        write_json(output_dir / "detections.json", results, indent=None)
+        write_json(Path(output_dir) / "detections.json", results, indent=None)
     return metrics_path

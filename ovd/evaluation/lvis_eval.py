@@ -32,299 +32,40 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ovd.errors import OVDError
-from ovd.evaluation.coco_ovd import (
+from ovd.evaluation.common import (
     AREA_KEYS,
     IOU_50,
     IOU_75,
-    _box,
-    _fmt,
-    _is_int,
-    _is_real,
-    _load_gt,
-    _mean_valid,
-    _quiet,
-    _silent,
+    IOU_TYPES,
+    fmt,
+    is_int,
+    mean_valid,
+    quiet,
+    silent,
+    write_metrics_report,
 )
-from ovd.utils.io import atomic_open, read_json, write_json
+from ovd.evaluation.lvis_inputs import (
+    FREQUENCY_KEYS,
+    LVISDetections,
+    LVISGroundTruth,
+    as_detections,
+    load_lvis_gt,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_DETS = 300  # LVIS's detections per image (lvis-api LVISResults max_dets; METHOD §6.4)
-IOU_TYPES = ("bbox", "segm")
-FREQUENCY_KEYS = {"r": "APr", "c": "APc", "f": "APf"}  # LVIS frequency groups, in lvis-api's order
 CHUNK_SIZE = 250_000
 """GT instances + detections per faster-coco-eval run (a class with more runs alone)."""
 CHUNK_PAIRS = 20_000
 """(image, class) pairs per run, at most (each costs ~5 µs even when empty; 20k was ~25 % faster than
 2M on 2,000 synthetic LVIS images, ``benchmarks/bench_lvis_eval.py``)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Detections in flat arrays
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LVISDetections:
-    """The detections of a whole dataset in flat arrays (``N`` detections).
-
-    Attributes:
-        image_ids: ``int64[N]`` dataset image ids.
-        category_ids: ``int64[N]`` dataset category ids (not contiguous ids).
-        scores: ``float64[N]``.
-        boxes: ``float64[N, 4]`` COCO ``[x, y, w, h]`` in original-image pixels.
-        masks: ``N`` compressed RLE ``counts`` (bytes) of full-image masks, or None (boxes only).
-        mask_sizes: ``int64[N, 2]`` ``(height, width)`` of each RLE, or None.
-    """
-
-    image_ids: np.ndarray
-    category_ids: np.ndarray
-    scores: np.ndarray
-    boxes: np.ndarray
-    masks: list[bytes] | None = None
-    mask_sizes: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.scores)
-        shapes = (self.image_ids.shape, self.category_ids.shape, self.scores.shape, self.boxes.shape)
-        if shapes != ((n,), (n,), (n,), (n, 4)):
-            raise OVDError(f"inconsistent detection array shapes {shapes}", field="detections")
-        if (self.masks is None) != (self.mask_sizes is None) or (
-            self.masks is not None and (len(self.masks) != n or self.mask_sizes.shape != (n, 2))
-        ):
-            raise OVDError("masks and mask_sizes must both be given, one per detection", field="detections")
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    @classmethod
-    def from_results(cls, results: Sequence[Mapping[str, Any]]) -> LVISDetections:
-        """Convert COCO/LVIS results ``{image_id, category_id, score, bbox?, segmentation?}``.
-
-        ``bbox`` is ``[x, y, w, h]``; ``segmentation`` a compressed RLE ``{size: [h, w], counts}``. Either
-        every record has a ``segmentation`` or none has; a record with a mask may omit ``bbox`` (it is
-        then the mask's bounding box).
-
-        Raises:
-            OVDError: naming the first malformed record, e.g. ``detections[7].score``.
-        """
-        if isinstance(results, (str, bytes, Mapping)) or not isinstance(results, Sequence):
-            raise OVDError(f"expected a list of result dicts, got {type(results).__name__}", field="detections")
-        has_masks = bool(results) and isinstance(results[0], Mapping) and "segmentation" in results[0]
-        fast = _from_results_fast(results, has_masks)
-        return fast if fast is not None else _from_results_checked(results, has_masks)
-
-    @classmethod
-    def concatenate(cls, parts: Sequence[LVISDetections]) -> LVISDetections:
-        """One array set from several (e.g. one per evaluated batch or rank)."""
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return _empty_detections()
-        with_masks = {p.masks is not None for p in parts}
-        if len(with_masks) != 1:
-            raise OVDError("cannot concatenate detections with and without masks", field="detections")
-        masks = [m for p in parts for m in p.masks] if with_masks == {True} else None
-        return cls(
-            np.concatenate([p.image_ids for p in parts]),
-            np.concatenate([p.category_ids for p in parts]),
-            np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.boxes for p in parts]),
-            masks,
-            None if masks is None else np.concatenate([p.mask_sizes for p in parts]),
-        )
-
-
-def _empty_detections() -> LVISDetections:
-    """No detections (usable for boxes and masks)."""
-    z = np.zeros(0, np.int64)
-    return LVISDetections(z, z.copy(), np.zeros(0), np.zeros((0, 4)), [], np.zeros((0, 2), np.int64))
-
-
-def _rle_counts(seg: Any) -> tuple[bytes, int, int]:
-    """``(counts, h, w)`` of a compressed RLE dict; raises KeyError/TypeError/ValueError otherwise."""
-    counts = seg["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    if not isinstance(counts, bytes):
-        raise TypeError("counts must be a string")
-    h, w = seg["size"]
-    if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
-        raise ValueError("size must be two positive integers")
-    return counts, int(h), int(w)
-
-
-def _from_results_fast(results: Sequence[Mapping[str, Any]], has_masks: bool) -> LVISDetections | None:
-    """Vectorised conversion of well-formed results; None if anything looks wrong (then re-checked)."""
-    try:
-        image_ids = np.array([r["image_id"] for r in results])
-        category_ids = np.array([r["category_id"] for r in results])
-        scores = np.array([r["score"] for r in results])
-        masks = sizes = None
-        if has_masks:
-            decoded = [_rle_counts(r["segmentation"]) for r in results]
-            masks = [c for c, _, _ in decoded]
-            sizes = np.array([(h, w) for _, h, w in decoded], dtype=np.int64).reshape(-1, 2)
-            if not all("bbox" in r for r in results):
-                return None
-        boxes = np.array([r["bbox"] for r in results])
-    except (AttributeError, KeyError, TypeError, ValueError, UnicodeEncodeError):
-        return None
-    n = len(results)
-    if n == 0:
-        return _empty_detections()
-    if image_ids.dtype.kind != "i" or category_ids.dtype.kind != "i" or scores.dtype.kind not in "iuf":
-        return None
-    if boxes.dtype.kind not in "iuf" or boxes.shape != (n, 4) or not np.isfinite(boxes).all():
-        return None
-    if not np.isfinite(scores).all() or (boxes[:, 2:] < 0).any():
-        return None
-    if any(isinstance(r["score"], bool) or isinstance(r["image_id"], bool) for r in results):
-        return None
-    return LVISDetections(
-        image_ids.astype(np.int64),
-        category_ids.astype(np.int64),
-        scores.astype(np.float64),
-        boxes.astype(np.float64),
-        masks,
-        sizes,
-    )
-
-
-def _from_results_checked(results: Sequence[Mapping[str, Any]], has_masks: bool) -> LVISDetections:
-    """Record-by-record conversion that raises :class:`OVDError` on the first malformed field."""
-    image_ids, category_ids, scores, boxes = [], [], [], []
-    masks: list[bytes] = []
-    sizes: list[tuple[int, int]] = []
-    for i, r in enumerate(results):
-        where = f"detections[{i}]"
-        if not isinstance(r, Mapping):
-            raise OVDError(f"expected an object, got {type(r).__name__}", field=where)
-        for key in ("image_id", "category_id", "score"):
-            if key not in r:
-                raise OVDError(f"missing key {key!r}", field=f"{where}.{key}")
-        for key in ("image_id", "category_id"):
-            if not _is_int(r[key]):
-                raise OVDError(f"must be an integer, got {r[key]!r}", field=f"{where}.{key}")
-        if not _is_real(r["score"]):
-            raise OVDError(f"score must be a finite number, got {r['score']!r}", field=f"{where}.score")
-        if ("segmentation" in r) != has_masks:
-            raise OVDError("either every detection has a 'segmentation' or none has", field=f"{where}.segmentation")
-        if has_masks:
-            try:
-                counts, h, w = _rle_counts(r["segmentation"])
-            except (KeyError, TypeError, ValueError, UnicodeEncodeError) as e:
-                raise OVDError(
-                    f"expected a compressed RLE {{size: [h, w], counts: str}} ({e})", field=f"{where}.segmentation"
-                ) from e
-            masks.append(counts)
-            sizes.append((h, w))
-        if "bbox" in r:
-            boxes.append(_box(r["bbox"], field=f"{where}.bbox", path=None))
-        elif has_masks:
-            from faster_coco_eval.core import mask as mask_utils
-
-            rle = {"size": [h, w], "counts": counts}
-            boxes.append([float(v) for v in mask_utils.toBbox([rle])[0]])
-        else:
-            raise OVDError("missing key 'bbox'", field=f"{where}.bbox")
-        image_ids.append(int(r["image_id"]))
-        category_ids.append(int(r["category_id"]))
-        scores.append(float(r["score"]))
-    return LVISDetections(
-        np.array(image_ids, dtype=np.int64),
-        np.array(category_ids, dtype=np.int64),
-        np.array(scores, dtype=np.float64),
-        np.array(boxes, dtype=np.float64).reshape(-1, 4),
-        masks if has_masks else None,
-        np.array(sizes, dtype=np.int64).reshape(-1, 2) if has_masks else None,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Ground truth
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _GroundTruth:
-    """The checked GT, indexed for the federated rules (``I`` images, ``K`` classes, ``G`` instances)."""
-
-    dataset: dict[str, Any]
-    image_ids: np.ndarray  # int64[I] sorted
-    image_hw: np.ndarray  # int64[I, 2] (height, width)
-    cat_ids: np.ndarray  # int64[K] sorted
-    frequency: list[str]  # K
-    names: list[str]  # K
-    neg: list[list[int]]  # I: class positions
-    not_exhaustive: list[list[int]]  # I: class positions
-    ann_index: np.ndarray  # int64[G] position in dataset["annotations"] of the instances with area > 0
-    ann_image: np.ndarray  # int64[G] image position
-    ann_cat: np.ndarray  # int64[G] class position
-
-
-def _id_lists(img: Mapping[str, Any], key: str, where: str, cat_pos: Mapping[int, int], path: str | None) -> list[int]:
-    ids = img.get(key, [])
-    if not isinstance(ids, list):
-        raise OVDError(f"expected a list of category ids, got {type(ids).__name__}", path=path, field=f"{where}.{key}")
-    for j, cid in enumerate(ids):
-        if not _is_int(cid) or cid not in cat_pos:
-            raise OVDError(f"{cid!r} is not a category of the ground truth", path=path, field=f"{where}.{key}[{j}]")
-    return sorted({cat_pos[c] for c in ids})
-
-
-def _load_lvis_gt(gt: str | os.PathLike[str] | Mapping[str, Any], iou_types: Sequence[str]) -> _GroundTruth:
-    dataset, path = _load_gt(gt)
-    cats = sorted(dataset["categories"], key=lambda c: c["id"])
-    cat_ids = np.array([c["id"] for c in cats], dtype=np.int64)
-    cat_pos = {int(c): k for k, c in enumerate(cat_ids)}
-    for i, cat in enumerate(dataset["categories"]):
-        if cat.get("frequency") not in FREQUENCY_KEYS:
-            raise OVDError(
-                f"expected one of {tuple(FREQUENCY_KEYS)}, got {cat.get('frequency')!r}",
-                path=path,
-                field=f"categories[{i}].frequency",
-            )
-    images = sorted(dataset["images"], key=lambda im: im["id"])
-    hw = []
-    for img in images:
-        where = f"images[id={img['id']}]"
-        for key in ("height", "width"):
-            if not _is_int(img.get(key)) or img[key] <= 0:
-                raise OVDError(f"expected a positive integer, got {img.get(key)!r}", path=path, field=f"{where}.{key}")
-        hw.append((img["height"], img["width"]))
-    neg = [_id_lists(img, "neg_category_ids", f"images[id={img['id']}]", cat_pos, path) for img in images]
-    nel = [_id_lists(img, "not_exhaustive_category_ids", f"images[id={img['id']}]", cat_pos, path) for img in images]
-    image_ids = np.array([img["id"] for img in images], dtype=np.int64)
-
-    anns = dataset["annotations"]
-    if "segm" in iou_types:
-        for i, ann in enumerate(anns):
-            if not ann.get("segmentation"):
-                raise OVDError("missing 'segmentation' (needed for segm)", path=path, field=f"annotations[{i}]")
-    area = np.array([a["area"] for a in anns], dtype=np.float64).reshape(-1)
-    keep = np.flatnonzero(area > 0)  # (G,) lvis-api only reads instances with 0 < area
-    ann_image = np.searchsorted(image_ids, np.array([anns[i]["image_id"] for i in keep], dtype=np.int64))
-    ann_cat = np.searchsorted(cat_ids, np.array([anns[i]["category_id"] for i in keep], dtype=np.int64))
-    return _GroundTruth(
-        dataset=dataset,
-        image_ids=image_ids,
-        image_hw=np.array(hw, dtype=np.int64).reshape(-1, 2),
-        cat_ids=cat_ids,
-        frequency=[c["frequency"] for c in cats],
-        names=[c["name"] for c in cats],
-        neg=neg,
-        not_exhaustive=nel,
-        ann_index=keep.astype(np.int64),
-        ann_image=ann_image.astype(np.int64),
-        ann_cat=ann_cat.astype(np.int64),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +93,7 @@ def _top_per_image(image_pos: np.ndarray, scores: np.ndarray, max_dets: int) -> 
     return np.sort(order[rank < max_dets])
 
 
-def _federated(gt: _GroundTruth, image_pos: np.ndarray, cat_pos: np.ndarray) -> np.ndarray:
+def _federated(gt: LVISGroundTruth, image_pos: np.ndarray, cat_pos: np.ndarray) -> np.ndarray:
     """``bool[N]``: the (image, class) of the detection has GT there or is in the image's negative list."""
     num_cats = len(gt.cat_ids)
     neg_codes = [i * num_cats + k for i, ks in enumerate(gt.neg) for k in ks]
@@ -392,7 +133,7 @@ def _chunks(work: np.ndarray, class_images: list[np.ndarray], num_images: int, c
 
 
 def _evaluate_chunk(
-    gt: _GroundTruth,
+    gt: LVISGroundTruth,
     dets: LVISDetections,
     det_index: np.ndarray,
     det_image: np.ndarray,
@@ -462,12 +203,12 @@ def _evaluate_chunk(
         {"id": c, "name": gt.names[k], "frequency": gt.frequency[k]}
         for k, c in zip(range(cats.start, cats.stop), cat_ids, strict=True)
     ]
-    with _quiet():
-        coco_gt = COCO({"images": images, "annotations": gt_anns, "categories": categories}, print_function=_silent)
-        coco_dt = COCO(print_function=_silent)
+    with quiet():
+        coco_gt = COCO({"images": images, "annotations": gt_anns, "categories": categories}, print_function=silent)
+        coco_dt = COCO(print_function=silent)
         coco_dt.dataset = {"images": images, "annotations": dt_anns, "categories": categories}
         coco_dt.createIndex()
-        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, lvis_style=True, print_function=_silent)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, lvis_style=True, print_function=silent)
         evaluator.params.imgIds = [im["id"] for im in images]
         evaluator.params.catIds = cat_ids
         evaluator.params.maxDets = [max_dets]
@@ -480,14 +221,6 @@ def _evaluate_chunk(
 # ----------------------------------------------------------------------------------------------
 # Metric
 # ----------------------------------------------------------------------------------------------
-
-
-def _as_detections(detections: Any) -> LVISDetections:
-    if isinstance(detections, LVISDetections):
-        return detections
-    if isinstance(detections, (str, os.PathLike)):
-        return LVISDetections.from_results(read_json(detections))
-    return LVISDetections.from_results(detections)
 
 
 def _eval_params() -> tuple[np.ndarray, int, list[str]]:
@@ -542,10 +275,10 @@ def evaluate_lvis(
     if not iou_types or any(t not in IOU_TYPES for t in iou_types) or len(set(iou_types)) != len(iou_types):
         raise OVDError(f"expected distinct values from {IOU_TYPES}, got {iou_types!r}", field="iou_types")
     for name, value in (("max_dets", max_dets), ("chunk_size", chunk_size)):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise OVDError(f"must be a positive integer, got {value!r}", field=name)
-    gt_index = _load_lvis_gt(gt, iou_types)
-    dets = _as_detections(detections)
+    gt_index = load_lvis_gt(gt, iou_types)
+    dets = as_detections(detections)
     image_pos = _positions(dets.image_ids, gt_index.image_ids, "image_id")  # (N,)
     cat_pos = _positions(dets.category_ids, gt_index.cat_ids, "category_id")  # (N,)
     if "segm" in iou_types:
@@ -604,11 +337,11 @@ def evaluate_lvis(
         metrics[iou_type] = _summarize(precision, recall, gt_index.frequency, iou_thrs, area_labels, max_dets)
         metrics[iou_type]["num_detections"] = evaluated
         all_areas = area_labels.index("all")
-        per_class_ap[iou_type] = [_mean_valid(precision[:, :, k, all_areas]) for k in range(num_cats)]
+        per_class_ap[iou_type] = [mean_valid(precision[:, :, k, all_areas]) for k in range(num_cats)]
         logger.info(
             "LVIS %s: AP %s, APr %s, APc %s, APf %s",
             iou_type,
-            *(_fmt(metrics[iou_type][key]) for key in ("AP", "APr", "APc", "APf")),
+            *(fmt(metrics[iou_type][key]) for key in ("AP", "APr", "APc", "APf")),
         )
     has_gt = num_gt > 0
     metrics["num_classes_with_gt"] = {
@@ -643,19 +376,19 @@ def _summarize(
     t75 = int(np.flatnonzero(np.isclose(iou_thrs, IOU_75))[0])
     area = {label: area_labels.index(label) for label in AREA_KEYS}
     out: dict[str, Any] = {
-        "AP": _mean_valid(precision[..., area["all"]]),
-        "AP50": _mean_valid(precision[t50, :, :, area["all"]]),
-        "AP75": _mean_valid(precision[t75, :, :, area["all"]]),
+        "AP": mean_valid(precision[..., area["all"]]),
+        "AP50": mean_valid(precision[t50, :, :, area["all"]]),
+        "AP75": mean_valid(precision[t75, :, :, area["all"]]),
     }
     for label, key in AREA_KEYS.items():
         if label != "all":
-            out[key] = _mean_valid(precision[..., area[label]])
+            out[key] = mean_valid(precision[..., area[label]])
     groups = np.asarray(frequency)
     for f, key in FREQUENCY_KEYS.items():
-        out[key] = _mean_valid(precision[:, :, groups == f, area["all"]])
-    out[f"AR@{max_dets}"] = _mean_valid(recall[:, :, area["all"]])
+        out[key] = mean_valid(precision[:, :, groups == f, area["all"]])
+    out[f"AR@{max_dets}"] = mean_valid(recall[:, :, area["all"]])
     for label in ("small", "medium", "large"):
-        out[f"AR{label[0]}@{max_dets}"] = _mean_valid(recall[:, :, area[label]])
+        out[f"AR{label[0]}@{max_dets}"] = mean_valid(recall[:, :, area[label]])
     return out
 
 
@@ -683,14 +416,14 @@ def format_lvis_table(metrics: Mapping[str, Any]) -> str:
         "|---|" + "---:|" * len(types),
     ]
     for key in _SUMMARY_KEYS:
-        lines.append(f"| {key} | " + " | ".join(_fmt(metrics[t].get(key)) for t in types) + " |")
+        lines.append(f"| {key} | " + " | ".join(fmt(metrics[t].get(key)) for t in types) + " |")
     lines += ["", "| category | id | frequency | #gt | " + " | ".join(f"AP {t}" for t in types) + " |"]
     lines.append("|---|---:|---|---:|" + "---:|" * len(types))
     rows = sorted(
         metrics.get("per_class", []), key=lambda c: (_FREQUENCY_ORDER.get(c["frequency"], 3), c["category_id"])
     )
     for c in rows:
-        aps = " | ".join(_fmt(c.get(f"AP_{t}")) for t in types)
+        aps = " | ".join(fmt(c.get(f"AP_{t}")) for t in types)
         lines.append(f"| {c['name']} | {c['category_id']} | {c['frequency']} | {c['num_gt']} | {aps} |")
     return "\n".join(lines) + "\n"
 
@@ -701,9 +434,4 @@ def write_lvis_report(metrics: Mapping[str, Any], output_dir: str | os.PathLike[
     Returns:
         The path of ``metrics.json``.
     """
-    output_dir = Path(output_dir)
-    metrics_path = output_dir / "metrics.json"
-    write_json(metrics_path, dict(metrics))
-    with atomic_open(output_dir / "per_class.md", "w") as f:
-        f.write(format_lvis_table(metrics))
-    return metrics_path
+    return write_metrics_report(metrics, format_lvis_table(metrics), output_dir)

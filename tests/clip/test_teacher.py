@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import transforms
 
 import ovd.clip.teacher as teacher
+import ovd.clip.teacher_data as teacher_data
 from ovd.clip import ClipBundle, create_clip, file_sha256
 from ovd.clip.teacher import (
     TeacherConfig,
@@ -209,7 +210,7 @@ def test_crops_to_tensor_equals_open_clip_preprocess():
 
 
 def test_train_and_eval_crops_differ_and_ignore_workers(monkeypatch):
-    monkeypatch.setattr(teacher, "_CHUNK_CROPS", 4)
+    monkeypatch.setattr(teacher_data, "_CHUNK_CROPS", 4)
     cfg = dataclasses.replace(TINY, num_train_crops=10, num_eval_crops=10)
     train, train_labels, train_caps = render_teacher_crops(cfg, "train", workers=1)
     again, again_labels, again_caps = render_teacher_crops(cfg, "train", workers=2)

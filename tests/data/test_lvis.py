@@ -210,7 +210,7 @@ def test_load_lvis_json_file_names_from_coco_url(tmp_path: Path) -> None:
 
 
 def test_register_lvis_reads_the_vocabulary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    catalog._ensure_builtins()
+    catalog.ensure_registered()
     for name in ("lvis_v1_train_norare", "lvis_v1_val", "imagenet_lvis", "imagenet_lvis_pseudo"):
         monkeypatch.delitem(catalog._CATALOG, name)  # restored after the test
     monkeypatch.setenv(catalog.DATASETS_ENV, str(tmp_path))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from ovd.data import ovshapes
+from ovd.data import ovshapes, ovshapes_render
 from ovd.data.catalog import get_dataset
 from ovd.data.ovshapes import CLASS_NAMES, CLASSES, DEFAULT_NOVEL, OVShapesPreset, generate_ovshapes
 from ovd.errors import OVDError
@@ -97,7 +97,7 @@ def test_different_seed_differs(tmp_path: Path) -> None:
 
 
 def test_worker_count_does_not_change_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ovshapes, "_PARALLEL_MIN_IMAGES", 1)
+    monkeypatch.setattr(ovshapes_render, "PARALLEL_MIN_IMAGES", 1)
     one = generate_ovshapes(tmp_path / "one", TINY, seed=3, workers=1)
     two = generate_ovshapes(tmp_path / "two", TINY, seed=3, workers=2)
     assert _checksums(one) == _checksums(two)
@@ -108,12 +108,12 @@ def test_draw_mask_hand_checked() -> None:
     square = CLASSES[CLASS_NAMES.index("square")]
     mask = square.draw_mask(np.array([[10.0, 0, 50], [0, 10, 40]]), 100, 100)
     assert mask.sum() == 20 * 20
-    assert ovshapes._tight_box(mask) == (40, 30, 60, 50)
+    assert ovshapes_render.tight_box(mask) == (40, 30, 60, 50)
     # the same square turned 45°: a diamond of half-diagonal 10·√2 ≈ 14.1 px and area 400
     c, s = np.cos(np.pi / 4) * 10, np.sin(np.pi / 4) * 10
     diamond = square.draw_mask(np.array([[c, -s, 50], [s, c, 50]]), 100, 100)
     assert abs(int(diamond.sum()) - 400) <= 24  # rim pixels cut exactly in half count as inside
-    assert ovshapes._tight_box(diamond) == (36, 36, 64, 64)  # 50 ± 14.14, pixels at least half inside
+    assert ovshapes_render.tight_box(diamond) == (36, 36, 64, 64)  # 50 ± 14.14, pixels at least half inside
     # a ring has a hole at its centre, a circle does not
     ring, circle = (CLASSES[CLASS_NAMES.index(n)] for n in ("ring", "circle"))
     affine = np.array([[20.0, 0, 50], [0, 20, 50]])
@@ -128,7 +128,7 @@ def test_boxes_are_tight_on_masks(small: Path, val: dict) -> None:
         mask = mask_util.decode(ann["segmentation"])
         x, y, w, h = ann["bbox"]
         x1, y1, x2, y2 = int(x), int(y), int(x + w), int(y + h)
-        assert (x1, y1, x2, y2) == ovshapes._tight_box(mask)
+        assert (x1, y1, x2, y2) == ovshapes_render.tight_box(mask)
         # every box edge touches a mask pixel, nothing lies outside
         assert mask[y1, x1:x2].any() and mask[y2 - 1, x1:x2].any()
         assert mask[y1:y2, x1].any() and mask[y1:y2, x2 - 1].any()
@@ -155,7 +155,7 @@ def test_overlap_is_limited(val: dict) -> None:
     for boxes in by_image.values():
         for i in range(len(boxes)):
             for j in range(i):
-                assert ovshapes._box_iou(boxes[i], boxes[j]) <= 0.3 + 1e-9
+                assert ovshapes_render.box_iou(boxes[i], boxes[j]) <= 0.3 + 1e-9
 
 
 def test_train_has_no_novel_box_but_novel_objects(train: dict) -> None:
