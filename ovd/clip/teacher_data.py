@@ -153,8 +153,9 @@ def render_teacher_crops(
     if set(seeds) & {_chunk_seed(cfg.seed, other, c) for c in range(-(-other_total // _CHUNK_CROPS))}:
         raise OVDError(f"seed {cfg.seed} gives train and eval crops a common chunk seed; pick another")
     jobs = [(n, s, cfg.crop_size, cfg.partial_prob, cfg.context_prob) for n, s in zip(sizes, seeds, strict=True)]
-    if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+    if workers > 1 and len(jobs) > 1 and "forkserver" in multiprocessing.get_all_start_methods():
+        # a fork server, not fork: forking a caller that runs threads can deadlock its children
+        with multiprocessing.get_context("forkserver").Pool(min(workers, len(jobs))) as pool:
             parts = pool.map(_render_chunk, jobs, chunksize=1)  # ordered
     else:
         parts = [_render_chunk(job) for job in jobs]

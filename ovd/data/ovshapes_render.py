@@ -305,10 +305,14 @@ def worker_init() -> None:
 
 
 def render_pool(worker: Callable[[Any], dict], jobs: list[tuple], workers: int) -> list[dict]:
-    """``[worker(job) for job in jobs]``, in forked processes when there are many jobs (same order)."""
-    if workers <= 1 or len(jobs) < PARALLEL_MIN_IMAGES or "fork" not in multiprocessing.get_all_start_methods():
+    """``[worker(job) for job in jobs]``, in worker processes when there are many jobs (same order).
+
+    Workers come from a fork server: forking the caller itself deadlocks when it runs threads (a web
+    server, OpenCV's or torch's pools) that hold a lock at the moment of the fork.
+    """
+    if workers <= 1 or len(jobs) < PARALLEL_MIN_IMAGES or "forkserver" not in multiprocessing.get_all_start_methods():
         return [worker(job) for job in jobs]
-    with multiprocessing.get_context("fork").Pool(workers, initializer=worker_init) as pool:
+    with multiprocessing.get_context("forkserver").Pool(workers, initializer=worker_init) as pool:
         return pool.map(worker, jobs, chunksize=16)  # ordered: output does not depend on workers
 
 
