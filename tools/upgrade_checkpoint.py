@@ -1,13 +1,14 @@
 """Convert a trusted checkpoint that ovd refuses to load (it needs full unpickling) into the safe format.
 
 ovd loads checkpoints with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
-containers only. A file holding other objects (numpy arrays, config objects, anything a ``__reduce__``
-can name) is refused, because unpickling it may run code. If you trust where the file came from:
+containers only. A file of an earlier layout holding numpy values is refused by that loader; if you
+trust where it came from:
 
     python tools/upgrade_checkpoint.py --trust old.pth new.pth
 
-This unpickles ``old.pth`` fully (running whatever code it holds), turns numpy values into tensors /
-numbers and config objects into YAML text, and writes ``new.pth``, which loads safely.
+This reads ``old.pth`` admitting only numpy array / scalar / dtype constructors besides (nothing in the
+file runs; a file naming any other object is refused), turns numpy values into tensors / numbers, and
+writes ``new.pth``, which loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="the checkpoint to convert")
     p.add_argument("dst", help="where to write the converted checkpoint")
-    p.add_argument("--trust", action="store_true", help="required: I trust SRC (unpickling it may run code)")
+    p.add_argument("--trust", action="store_true", help="required: I trust where SRC came from")
     args = p.parse_args(argv)
     if not args.trust:
-        p.error("converting unpickles SRC, which may run code: pass --trust if you trust its source")
+        p.error("pass --trust if you trust where SRC came from")
     from ovd.engine.checkpoint import upgrade_checkpoint
 
     changed = upgrade_checkpoint(args.src, args.dst)

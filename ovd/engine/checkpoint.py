@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -189,8 +190,6 @@ def to_plain(obj: Any) -> Any:
     """
     import dataclasses
 
-    import numpy as np
-
     if isinstance(obj, _PLAIN):
         return obj
     if isinstance(obj, np.ndarray):
@@ -209,15 +208,48 @@ def to_plain(obj: Any) -> Any:
     raise OVDError(f"no plain equivalent for a {type(obj).__module__}.{type(obj).__qualname__}")
 
 
-def upgrade_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
-    """Convert a TRUSTED checkpoint that needs full unpickling into the safe format; returns what changed.
+def _numpy_data_globals(names: list[str]) -> list[Any] | None:
+    """The objects behind ``names`` when every one is a numpy array / scalar / dtype constructor, else ``None``.
 
-    This is the one place ``ovd`` unpickles arbitrary objects, and only on explicit request
-    (``tools/upgrade_checkpoint.py --trust``): it runs any code the file holds.
+    An explicit list, not "anything from numpy": numpy also holds functions that run code.
+    """
+    import importlib
+
+    allowed_functions = {"_reconstruct", "scalar"}  # numpy.(_)core.multiarray: rebuild an array / a scalar
+    found = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        if module_name != "numpy" and not module_name.startswith("numpy."):
+            return None
+        obj = getattr(importlib.import_module(module_name), attr, None)
+        is_dtype = isinstance(obj, type) and issubclass(obj, (np.ndarray, np.dtype))
+        if not (is_dtype or (module_name.endswith("multiarray") and attr in allowed_functions)):
+            return None
+        found.append(obj)
+    # the concrete dtype classes (numpy.dtypes.Float32DType, ...) are built while loading, not listed
+    dtype_classes = [
+        c for c in vars(getattr(np, "dtypes", np)).values() if isinstance(c, type) and issubclass(c, np.dtype)
+    ]
+    return found + dtype_classes
+
+
+def upgrade_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
+    """Convert a checkpoint of an earlier layout (numpy values inside) into the plain format; returns what changed.
+
+    Read with ``weights_only=True`` plus an explicit list of numpy array / scalar / dtype constructors, so
+    nothing in the file runs; a file naming any other object is refused, naming it.
     """
     src = Path(src)
     try:
-        state = torch.load(src, map_location="cpu", weights_only=False)  # noqa: S614 (the user vouched for it)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(src)
+    except Exception as e:
+        raise OVDError(f"cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})", path=src) from e
+    admitted = _numpy_data_globals(names)
+    if admitted is None:
+        raise OVDError(f"refused: the file names objects other than numpy data ({', '.join(names[:5])})", path=src)
+    try:
+        with torch.serialization.safe_globals(admitted):
+            state = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:
         raise OVDError(f"cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})", path=src) from e
     if not isinstance(state, dict) or "model" not in state:

@@ -185,6 +185,15 @@ def test_a_trusted_legacy_checkpoint_is_upgraded_once(tiny_checkpoint, tmp_path,
     np.testing.assert_array_equal(a.boxes, b.boxes)
 
 
+def test_the_upgrade_tool_runs_no_code_from_the_file(tmp_path):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {}, "extra": Payload(marker)}, bad)
+    tool = _tool("upgrade_checkpoint")
+    assert run_cli(tool.main, ["--trust", str(bad), str(tmp_path / "new.pth")]) == 2
+    assert not marker.exists() and not (tmp_path / "new.pth").exists()
+
+
 def test_save_refuses_non_plain_state_and_files_follow_the_umask(tmp_path):
     with pytest.raises(OVDError, match=r"only tensors.*\.extra: .*Payload"):
         save_checkpoint(tmp_path / "model_final.pth", {"model": {}, "extra": Payload(tmp_path / "m")})
