@@ -42,6 +42,7 @@ from ovd.engine.vocabulary import class_embeddings
 from ovd.errors import OVDError
 from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
+from ovd.runtime.detector import load_trained_detector
 from ovd.structures import ImageRecord
 from ovd.utils.lock import holds_output_lock
 
@@ -502,13 +503,11 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: str | os.PathLike
     dist.init_distributed(device)
     out = Path(output_dir)
     info = get_dataset(cfg.data.test)
-    state = load_checkpoint(weights)
-    vocab = state.get("vocabulary") or {}
-    if list(vocab.get("class_names", [])) == list(info.class_names):
-        emb = vocab["embeddings"]  # the vocabulary the model was trained with: no text encoder needed
-    else:
-        emb = class_embeddings(cfg.clip, info.class_names, out)
-    model = build_model(cfg, class_embeddings=emb)
-    load_model_state(model, state["model"], source=weights)
-    model.to(device)
-    return evaluate(model, info, cfg, out / "eval")
+    loaded = load_trained_detector(
+        weights,
+        device=device,
+        cfg=cfg,
+        vocabulary=info.class_names,  # the checkpoint's own embeddings when it was trained on these names
+        encode=lambda names: class_embeddings(cfg.clip, names, out),
+    )
+    return evaluate(loaded.model, info, cfg, out / "eval")
