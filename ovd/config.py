@@ -252,6 +252,7 @@ class CustomDatasetCfg:
     image_root: str = ""  # folder that the annotation's file_name entries are relative to
     novel_classes: list[str] = field(default_factory=list)  # category names held out as novel; the rest are base
     ann_type: str = "box"  # box | image (pos_category_ids only) | pseudo (one pseudo box per image label)
+    evaluator: str = "coco_ovd"  # coco_ovd | lvis: the metric it is scored with (ovd.evaluation.evaluator)
 
 
 @dataclass(frozen=True)

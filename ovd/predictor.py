@@ -17,13 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovd.config import Config, config_from_yaml
 from ovd.data.loader import read_image_rgb
 from ovd.data.transforms import ResizeFlipAugmentation
-from ovd.engine.checkpoint import load_checkpoint, load_model_state
-from ovd.engine.distributed import local_device
 from ovd.errors import OVDError
-from ovd.modeling.build import build_model
+from ovd.runtime.detector import load_trained_detector
 
 
 @dataclass
@@ -80,13 +77,8 @@ class Predictor:
         clip_model: str | None = None,
         clip_pretrained: str | None = None,
     ) -> None:
-        state = load_checkpoint(checkpoint)
-        if "config" not in state or "vocabulary" not in state:
-            raise OVDError("checkpoint has no config/vocabulary; was it written by ovd's trainer?", path=checkpoint)
-        cfg: Config = config_from_yaml(state["config"], str(checkpoint))
-        if confidence is not None:
-            roi = replace(cfg.model.roi_heads, score_thresh_test=confidence)
-            cfg = replace(cfg, model=replace(cfg.model, roi_heads=roi))
+        loaded = load_trained_detector(checkpoint, device=device, confidence=confidence)
+        cfg = loaded.cfg
         clip = cfg.clip
         self.clip_cfg = replace(
             clip,
@@ -94,12 +86,10 @@ class Predictor:
             pretrained=clip_pretrained if clip_pretrained is not None else clip.pretrained,
         )
         self.cfg = cfg
-        self.device = local_device(device)
-        vocab = state["vocabulary"]
-        self.model = build_model(cfg, class_embeddings=vocab["embeddings"])
-        load_model_state(self.model, state["model"], source=str(checkpoint))
-        self.model.to(self.device).eval()
-        self.class_names: list[str] = list(vocab["class_names"])
+        self.device = loaded.model.device
+        self.model = loaded.model
+        self.class_names: list[str] = loaded.class_names
+        self.trained_embeddings = loaded.class_embeddings  # Tensor[C, D]: the checkpoint's own vocabulary
         self.augmentation = ResizeFlipAugmentation((cfg.input.min_size_test,), cfg.input.max_size_test, flip_prob=0.0)
         self._text_encoder = None
 

@@ -144,11 +144,8 @@ class ModelZoo:
                 detector: Any = OnnxDetector(source.path)
             else:
                 detector = Predictor(source.path, device=self.device, clip_pretrained=self.clip_pretrained)
-                from ovd.engine.checkpoint import load_checkpoint
-
                 # the checkpoint's own embeddings, exactly as Predictor loaded them (no re-encoding)
-                own = load_checkpoint(source.path)["vocabulary"]["embeddings"]
-                self._remember((name, tuple(detector.class_names)), own)
+                self._remember((name, tuple(detector.class_names)), detector.trained_embeddings)
             self.loads += 1
             loaded = LoadedModel(detector, list(detector.class_names), tuple(detector.class_names))
             self._loaded[name] = loaded

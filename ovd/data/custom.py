@@ -3,7 +3,9 @@
 Each entry names an annotation file and an image folder; the vocabulary is read from the file's
 ``categories`` (contiguous ids in category-id order, as for every dataset of the catalog) and the
 classes listed in ``novel_classes`` are held out as novel (their boxes are evaluated separately; a
-training set should not contain them). Entries are registered in the catalog by
+training set should not contain them). ``evaluator`` names the metric it is scored with: ``coco_ovd``
+(the default: novel / base AP50) or ``lvis`` (an LVIS-format file: APr / APc / APf from the categories'
+``frequency``). Entries are registered in the catalog by
 :func:`register_custom_datasets`, which the trainer, the evaluator and the pipeline call first, so a
 stage process, a resumed run or ``--eval-only`` sees the same datasets as the run that wrote its config.
 """
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from ovd.config import CustomDatasetCfg
 
 ANN_TYPES = ("box", "image", "pseudo")
+# the names of ovd.evaluation.evaluator.EVALUATORS (data sits below evaluation; a test keeps them equal)
+EVALUATORS = ("coco_ovd", "lvis")
 # name -> the entry it was registered from: a config's dataset may be re-declared with other settings, and
 # re-declaring it with the same ones (every stage and evaluation of a run) does not read its file again
 _CUSTOM: dict[str, CustomDatasetCfg] = {}
@@ -31,7 +35,7 @@ def custom_dataset_info(spec: CustomDatasetCfg, index: int = 0) -> DatasetInfo:
     """The catalog entry of one ``data.custom`` item (reads the annotation file's categories).
 
     Raises:
-        OVDError: an empty name, an unknown ``ann_type``, a missing or malformed annotation file, no
+        OVDError: an empty name, an unknown ``ann_type`` or ``evaluator``, a missing or malformed annotation file, no
             categories, or a novel class name that is not among them (the message names the field).
     """
     where = f"data.custom[{index}]"
@@ -39,6 +43,11 @@ def custom_dataset_info(spec: CustomDatasetCfg, index: int = 0) -> DatasetInfo:
         raise OVDError("empty dataset name", field=f"{where}.name")
     if spec.ann_type not in ANN_TYPES:
         raise OVDError(f"unknown ann_type {spec.ann_type!r} (valid: {', '.join(ANN_TYPES)})", field=f"{where}.ann_type")
+    if spec.evaluator not in EVALUATORS:
+        raise OVDError(
+            f"dataset {spec.name!r}: unknown evaluator {spec.evaluator!r} (valid: {', '.join(EVALUATORS)})",
+            field=f"{where}.evaluator",
+        )
     if not spec.ann_file:
         raise OVDError("no annotation file given", field=f"{where}.ann_file")
     probe = DatasetInfo(spec.name, spec.image_root, spec.ann_file, (), ())
@@ -67,6 +76,7 @@ def custom_dataset_info(spec: CustomDatasetCfg, index: int = 0) -> DatasetInfo:
         base_classes=tuple(i for i in range(len(names)) if i not in set(novel)),
         novel_classes=tuple(sorted(novel)),
         ann_type=spec.ann_type,
+        evaluator=spec.evaluator,
     )
 
 

@@ -253,27 +253,20 @@ class DetectorProposals(ProposalSource):
         device: str | torch.device = "cpu",
         images_per_call: int = DEFAULT_DETECTOR_IMAGES_PER_CALL,
     ) -> None:
-        from ovd.config import config_from_yaml
         from ovd.data.transforms import ResizeFlipAugmentation
-        from ovd.engine.checkpoint import load_checkpoint, load_model_state
-        from ovd.engine.distributed import local_device
-        from ovd.modeling.build import build_model
+        from ovd.runtime.detector import load_trained_detector
 
         self.path = Path(checkpoint_path)
-        state = load_checkpoint(self.path)
-        if "config" not in state or "vocabulary" not in state:
-            raise OVDError("checkpoint has no config/vocabulary; was it written by ovd's trainer?", path=self.path)
-        cfg = config_from_yaml(state["config"], str(self.path))
+        loaded = load_trained_detector(self.path, device=device)
+        cfg = loaded.cfg
         self.min_size = int(min_size if min_size is not None else cfg.input.min_size_test)
         self.max_size = int(max_size if max_size is not None else cfg.input.max_size_test)
         self.augmentation = ResizeFlipAugmentation((self.min_size,), self.max_size, flip_prob=0.0)
         if images_per_call < 1:
             raise OVDError(f"images_per_call must be >= 1, got {images_per_call}", field="images_per_call")
         self.images_per_call = images_per_call
-        self.device = local_device(device) if isinstance(device, str) else torch.device(device)
-        self.model = build_model(cfg, class_embeddings=state["vocabulary"]["embeddings"])
-        load_model_state(self.model, state["model"], source=str(self.path))
-        self.model.to(self.device).eval()
+        self.device = loaded.model.device
+        self.model = loaded.model
         self.sha256 = file_sha256(self.path)
 
     @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Thin helpers over ``torch.distributed`` for runs launched with ``torchrun``."""
+"""Thin helpers over ``torch.distributed`` for runs launched with ``torchrun``.
+
+``local_device`` lives in :mod:`ovd.runtime.device` (below ``engine``); it is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ovd.runtime.device import local_device
+
+__all__ = [
+    "all_gather_objects",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_main_process",
+    "local_device",
+    "reduce_mean",
+    "synchronize",
+]
 
 
 def init_distributed(device: torch.device) -> None:
@@ -51,14 +67,3 @@ def reduce_mean(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-def local_device(name: str) -> torch.device:
-    """``auto`` → this rank's CUDA device when CUDA is available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(name)

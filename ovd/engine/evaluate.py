@@ -1,4 +1,5 @@
-"""Run a detector over a dataset and score it with the OV-COCO metric (boxes, and masks for Mask R-CNN)."""
+"""Run a detector over a dataset and score it with the dataset's metric: OV-COCO (novel / base AP50) or
+LVIS (APr / APc / APf), chosen by its catalog entry; boxes, and masks for a Mask R-CNN."""
 
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from ovd.data.coco import load_dataset
 from ovd.data.loader import build_test_loader
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
-from ovd.evaluation.coco_ovd import evaluate_ovd, format_table, write_report
+from ovd.evaluation.evaluator import build_evaluator
 from ovd.modeling.mask_head import paste
 from ovd.structures import Detections
-from ovd.utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -166,22 +166,15 @@ def _fidelity(
     )
 
 
-def is_lvis_style(info: DatasetInfo, gt: dict[str, Any]) -> bool:
-    """Whether ``info`` is scored with the LVIS protocol (METHOD §6.4): the catalog says so
-    (``extra["format"] == "lvis"``) or every GT category has an LVIS ``frequency``."""
-    cats = gt.get("categories") or []
-    return info.extra.get("format") == "lvis" or (bool(cats) and all("frequency" in c for c in cats))
-
-
 def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Predict, score and write ``metrics.json``, the per-class table and the detections under
     ``output_dir`` (rank 0). Returns the metrics on every rank.
 
-    COCO-style datasets get the OV-COCO metric (novel / base / all AP50); LVIS-style ones
-    (:func:`is_lvis_style`) the federated LVIS metric with APr / APc / APf
-    (:func:`ovd.evaluation.lvis_eval.evaluate_lvis`, at most 300 detections per image). A model with a
-    mask head is also scored on masks: ``metrics["segm"]`` beside the box metrics (``metrics["bbox"]``
-    for LVIS, the top level for OV-COCO).
+    The metric is the dataset's own (its catalog ``evaluator`` field, :func:`ovd.evaluation.evaluator.build_evaluator`):
+    ``coco_ovd``, the OV-COCO metric (novel / base / all AP50), or ``lvis``, the federated LVIS metric
+    with APr / APc / APf (at most 300 detections per image). A model with a mask head is also scored on
+    masks: ``metrics["segm"]`` beside the box metrics (``metrics["bbox"]`` for LVIS, the top level for
+    OV-COCO). With ``test.region_fidelity`` the student's region fidelity is added to the metrics.
     """
     collector = None
     if cfg.test.region_fidelity and dist.get_world_size() == 1 and cfg.test.batch_size == 1:
@@ -194,33 +187,12 @@ def evaluate(model: nn.Module, info: DatasetInfo, cfg: Config, output_dir: str |
     metrics: dict[str, Any] = {}
     if dist.is_main_process():
         out = Path(output_dir)
-        gt = read_json(info.ann_file_path)
         segm = getattr(model.roi_heads, "mask_head", None) is not None  # a Mask R-CNN: mask AP too
-        if segm and not all("segmentation" in a for a in gt.get("annotations", [])):
-            logger.warning("%s has annotations without a segmentation: mask AP is not computed", info.name)
-            segm = False
-        if is_lvis_style(info, gt):
-            from ovd.evaluation.lvis_eval import evaluate_lvis, format_lvis_table, write_lvis_report
-
-            metrics = evaluate_lvis(gt, detections, ("bbox", "segm") if segm else ("bbox",))
-            metrics["dataset"] = info.name
-            if cfg.test.region_fidelity:
-                metrics |= _fidelity(model, info, cfg, out, collector)
-            path = write_lvis_report(metrics, out)
-            write_json(out / "detections.json", detections, indent=None)
-            logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_lvis_table(metrics), path)
-        else:
-            split = dict(
-                base_category_ids=[info.category_ids[i] for i in info.base_classes],
-                novel_category_ids=[info.category_ids[i] for i in info.novel_classes],
-            )
-            metrics = evaluate_ovd(gt, detections, **split)
-            if segm:
-                masks = evaluate_ovd(gt, detections, iou_type="segm", **split)
-                metrics["segm"] = {k: v for k, v in masks.items() if k not in ("backend", "num_images")}
-            metrics["dataset"] = info.name
-            if cfg.test.region_fidelity:
-                metrics |= _fidelity(model, info, cfg, out, collector)
-            path = write_report(metrics, out, detections=detections)
-            logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, format_table(metrics), path)
+        evaluator = build_evaluator(info, masks=segm)
+        metrics = evaluator.evaluate(detections)
+        metrics["dataset"] = info.name
+        if cfg.test.region_fidelity:
+            metrics |= _fidelity(model, info, cfg, out, collector)
+        path = evaluator.write_report(metrics, out, detections=detections)
+        logger.info("evaluation of %s:\n%s\nwritten to %s", info.name, evaluator.format_table(metrics), path)
     return dist.all_gather_objects(metrics)[0]

@@ -8,26 +8,22 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ovd.config import SUPERVISIONS, Config, SolverCfg, SourceCfg, config_to_yaml, save_config
+from ovd.config import Config, SolverCfg, config_to_yaml, save_config
 from ovd.data.catalog import DatasetInfo, get_dataset
 from ovd.data.coco import category_image_counts, load_dataset
 from ovd.data.custom import register_custom_datasets
-from ovd.data.loader import DetectionDataset, build_train_loader, collate_list, seed_worker
-from ovd.data.multi_source import MultiSourceBatchSampler, MultiSourceDataset
 from ovd.data.transforms import ResizeFlipAugmentation
 from ovd.engine import distributed as dist
-from ovd.engine.bad_images import count_skipped, existing_images
+from ovd.engine.bad_images import count_skipped
 from ovd.engine.checkpoint import (
     last_checkpoint,
     load_checkpoint,
@@ -38,11 +34,12 @@ from ovd.engine.checkpoint import (
 from ovd.engine.evaluate import evaluate
 from ovd.engine.fingerprint import check_resume, run_fingerprint, write_fingerprint
 from ovd.engine.schedule import lr_factor
+from ovd.engine.sources import build_source_loader, train_sources, weight_regions
 from ovd.engine.vocabulary import class_embeddings
 from ovd.errors import OVDError
 from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
-from ovd.structures import ImageRecord
+from ovd.runtime.detector import load_trained_detector
 from ovd.utils.lock import holds_output_lock
 
 logger = logging.getLogger(__name__)
@@ -51,184 +48,8 @@ _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 _TARGET_KEYS = ("boxes", "labels", "pos_labels", "masks", "distill_boxes", "distill_embeddings", "distill_weights")
 
 
-def _region_store(path: str, dataset: str, records: list, field: str) -> Any:
-    """The region store at ``path``, checked to cover every image of ``records``."""
-    if not path:
-        raise OVDError("model.distill.enabled needs a region store", field=field)
-    from ovd.distill.store import RegionStore
-
-    store = RegionStore.open(path)
-    missing = store.missing([r.image_id for r in records])
-    if len(missing):
-        raise OVDError(
-            f"{len(missing)} of {len(records)} training images have no stored regions (e.g. image ids "
-            f"{list(missing[:5])}); was the store extracted for {dataset}?",
-            path=path,
-        )
-    return store
-
-
-@dataclass
-class TrainSource:
-    """A training source resolved from the config: its data, augmentation and supervision."""
-
-    cfg: SourceCfg
-    info: DatasetInfo
-    records: list[ImageRecord]
-    augmentation: ResizeFlipAugmentation
-    regions: Any  # a RegionStore (a WeightedRegions with teacher-aware RKD), or None
-
-
-def _weight_regions(cfg: Config, sources: list[TrainSource], text: torch.Tensor, image_counts: Any) -> None:
-    """Teacher-aware RKD (``model.distill.region_weighting`` / ``contradiction_iou``): give every source's
-    store the weights of that setting, computed by rank 0 the first time and kept in the store."""
-    from ovd.distill.region_weights import RegionWeighting, ensure_weighted_regions
-
-    d = cfg.model.distill
-    try:
-        weighting = RegionWeighting(
-            mode=d.region_weighting,
-            temperature=d.weight_temperature,
-            floor=d.weight_floor,
-            contradiction_iou=d.contradiction_iou,
-            contradiction_weight=d.contradiction_weight,
-        )
-    except OVDError as e:
-        raise OVDError(e.reason, field="model.distill") from e
-    if weighting.is_uniform:
-        return
-    # the contradiction filter trusts ground truth only: the boxes of box-supervised sources
-    truth = {int(r.image_id): (r.boxes, r.labels) for s in sources if s.cfg.supervision == "box" for r in s.records}
-    base = [c for c, n in enumerate(torch.as_tensor(image_counts).tolist()) if n > 0]
-    stores = [s for s in sources if s.regions is not None]
-    if dist.is_main_process():  # rank 0 computes and writes (sources sharing a store: once), then all read
-        for src in stores:
-            ensure_weighted_regions(src.regions.path, text, weighting, truth, base)
-    dist.synchronize()
-    for src in stores:
-        src.regions = ensure_weighted_regions(src.regions.path, text, weighting, truth, base, write=False)
-
-
-def _train_sources(cfg: Config, world: int) -> list[TrainSource]:
-    """The sources of ``data.sources``, or the single box source ``data.train`` when it is empty."""
-    if not cfg.data.sources:
-        if cfg.solver.ims_per_batch % world:
-            raise OVDError(
-                f"ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world} processes",
-                field="solver.ims_per_batch",
-            )
-        specs = [
-            SourceCfg(
-                dataset=cfg.data.train,
-                batch_size=cfg.solver.ims_per_batch // world,
-                region_store=cfg.data.region_store,
-            )
-        ]
-        region_field = "data.region_store"
-    else:
-        specs = list(cfg.data.sources)
-        region_field = "data.sources[].region_store"
-    out = []
-    for i, spec in enumerate(specs):
-        where = f"data.sources[{i}]" if cfg.data.sources else "data.train"
-        if spec.supervision not in SUPERVISIONS:
-            raise OVDError(
-                f"unknown supervision {spec.supervision!r}; choose one of {', '.join(SUPERVISIONS)}",
-                field=f"{where}.supervision",
-            )
-        info = get_dataset(spec.dataset)
-        if spec.supervision == "pseudo" and info.ann_type != "pseudo":
-            raise OVDError(
-                f"supervision 'pseudo' needs a pseudo-label dataset (ann_type 'pseudo'); {spec.dataset!r} has "
-                f"ann_type {info.ann_type!r} (make one with tools/generate_pseudo_labels.py)",
-                field=f"{where}.supervision",
-            )
-        if spec.supervision == "box" and info.ann_type != "box":
-            raise OVDError(f"{spec.dataset!r} has no boxes (ann_type {info.ann_type!r})", field=f"{where}.supervision")
-        records = load_dataset(info)
-        if not records:
-            raise OVDError(f"training dataset {spec.dataset!r} has no images", field=f"{where}.dataset")
-        if cfg.data.check_images:
-            records = existing_images(cfg, spec.dataset, records, where)
-        i_cfg = cfg.input
-        augmentation = ResizeFlipAugmentation(
-            tuple(spec.min_size or i_cfg.min_size_train),
-            spec.max_size or i_cfg.max_size_train,
-            sample_style=i_cfg.min_size_train_sampling,
-            flip_prob=i_cfg.flip_prob,
-        )  # type: ignore[arg-type]
-        regions = None
-        if cfg.model.distill.enabled:
-            regions = _region_store(spec.region_store, spec.dataset, records, region_field)
-        out.append(TrainSource(spec, info, records, augmentation, regions))
-    names = out[0].info.class_names
-    for src in out[1:]:
-        if src.info.class_names != names:
-            raise OVDError(
-                f"training sources must share one class list: {src.cfg.dataset!r} differs from {out[0].cfg.dataset!r}",
-                field="data.sources",
-            )
-    return out
-
-
-def _build_loader(cfg: Config, sources: list[TrainSource], start_iter: int) -> DataLoader:
-    """The single-source epoch sampler, or the multi-source weighted sampler of ``data.sources``."""
-    if not cfg.data.sources:
-        src = sources[0]
-        return build_train_loader(
-            src.records,
-            src.augmentation,
-            batch_size=src.cfg.batch_size,
-            seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
-            rank=dist.get_rank(),
-            world_size=dist.get_world_size(),
-            start_iter=start_iter,
-            regions=src.regions,
-            num_regions=cfg.model.distill.num_regions,
-            size_per_batch=cfg.input.size_per_batch,
-            skip_bad_images=cfg.data.bad_images == "skip",
-        )
-    from ovd.data.lvis import repeat_factors
-
-    factors = [
-        repeat_factors(s.records, s.info.num_classes, s.cfg.repeat_threshold) if s.cfg.repeat_threshold > 0 else None
-        for s in sources
-    ]
-    sampler = MultiSourceBatchSampler(
-        [s.records for s in sources],
-        [s.cfg.ratio for s in sources],
-        [s.cfg.batch_size for s in sources],
-        seed=cfg.seed,
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        start_iter=start_iter,
-        repeat_factors=factors,
-        size_per_batch=cfg.input.size_per_batch,
-    )
-    datasets = [
-        DetectionDataset(
-            s.records,
-            s.augmentation,
-            seed=cfg.seed,
-            regions=s.regions,
-            num_regions=cfg.model.distill.num_regions,
-            skip_bad_images=cfg.data.bad_images == "skip",
-        )
-        for s in sources
-    ]
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
-    return DataLoader(
-        MultiSourceDataset(datasets),
-        batch_sampler=sampler,
-        collate_fn=collate_list,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-        worker_init_fn=seed_worker,
-        generator=generator,
-    )
-
+# the names these had before they moved to ovd.engine.sources (benchmarks/bench_ovshapes_step.py imports them)
+_build_loader, _train_sources = build_source_loader, train_sources
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -337,14 +158,14 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         remove_partial_checkpoints(out)  # a killed run's unfinished writes (this run holds the folder's lock)
     torch.manual_seed(cfg.seed)
     world = dist.get_world_size()
-    sources = _train_sources(cfg, world)
+    sources = train_sources(cfg, world)
     info = sources[0].info
     # the classes a box loss may train: image counts over the box sources only (METHOD §2.3)
     box_records = [r for s in sources if s.cfg.supervision == "box" for r in s.records]
     counts = category_image_counts(box_records, info.num_classes)
     model, emb = _build_detector(cfg, info, counts, out)
     if cfg.model.distill.enabled:
-        _weight_regions(cfg, sources, emb, counts)
+        weight_regions(cfg, sources, emb, counts)
     model.to(device)
     loss_names = sorted({k for s in sources for k in model.loss_names(s.cfg.supervision)})
 
@@ -400,7 +221,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
             save_checkpoint(out / name, state)
         dist.synchronize()
 
-    loader = _build_loader(cfg, sources, start_iter)
+    loader = build_source_loader(cfg, sources, start_iter)
     writer = SummaryWriter(str(out / "tensorboard")) if dist.is_main_process() else None
     bar = tqdm(
         total=solver.max_iter,
@@ -502,13 +323,11 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: str | os.PathLike
     dist.init_distributed(device)
     out = Path(output_dir)
     info = get_dataset(cfg.data.test)
-    state = load_checkpoint(weights)
-    vocab = state.get("vocabulary") or {}
-    if list(vocab.get("class_names", [])) == list(info.class_names):
-        emb = vocab["embeddings"]  # the vocabulary the model was trained with: no text encoder needed
-    else:
-        emb = class_embeddings(cfg.clip, info.class_names, out)
-    model = build_model(cfg, class_embeddings=emb)
-    load_model_state(model, state["model"], source=weights)
-    model.to(device)
-    return evaluate(model, info, cfg, out / "eval")
+    loaded = load_trained_detector(
+        weights,
+        device=device,
+        cfg=cfg,
+        vocabulary=info.class_names,  # the checkpoint's own embeddings when it was trained on these names
+        encode=lambda names: class_embeddings(cfg.clip, names, out),
+    )
+    return evaluate(loaded.model, info, cfg, out / "eval")

@@ -9,6 +9,7 @@ import torch
 
 from ovd.config import CustomDatasetCfg, load_config
 from ovd.data.catalog import get_dataset
+from ovd.data.custom import EVALUATORS as CUSTOM_EVALUATORS
 from ovd.data.custom import custom_dataset_info, register_custom_datasets
 from ovd.engine.checkpoint import load_checkpoint
 from ovd.engine.trainer import train
@@ -56,6 +57,7 @@ def test_category_order_and_novel_ids(tmp_path):
     assert info.class_names == ("apple", "mug", "zebra")  # contiguous ids in category-id order
     assert info.category_ids == (2, 5, 9)
     assert info.novel_classes == (2,) and info.base_classes == (0, 1)
+    assert info.evaluator == "coco_ovd"  # the default metric
     assert register_custom_datasets([CustomDatasetCfg(name="mine", ann_file=str(ann))]) == ["mine"]
     assert get_dataset("mine").novel_classes == ()
     # re-declaring a config dataset with other settings replaces it (a later run, another split)
@@ -87,10 +89,27 @@ def test_errors_name_the_field(tmp_path):
     assert e.value.field == "data.custom[0].name"
     with pytest.raises(OVDError, match="unknown ann_type 'boxes'"):
         custom_dataset_info(CustomDatasetCfg(name="x", ann_file=str(ann), ann_type="boxes"))
+    with pytest.raises(OVDError, match="dataset 'x': unknown evaluator 'voc' \\(valid: coco_ovd, lvis\\)") as e:
+        custom_dataset_info(CustomDatasetCfg(name="x", ann_file=str(ann), evaluator="voc"), 2)
+    assert e.value.field == "data.custom[2].evaluator"
     with pytest.raises(OVDError, match="built-in dataset"):
         register_custom_datasets([CustomDatasetCfg(name="coco_ovd_val", ann_file=str(ann))])
     with pytest.raises(OVDError, match="declared twice"):
         register_custom_datasets([CustomDatasetCfg(name="y", ann_file=str(ann))] * 2)
+
+
+def test_the_evaluator_field_picks_the_metric(tmp_path):
+    from ovd.evaluation.evaluator import EVALUATORS, COCOOVDEvaluator, LVISEvaluator, build_evaluator
+
+    assert sorted(EVALUATORS) == list(CUSTOM_EVALUATORS)  # the config's valid values are the registry's
+    ann = tmp_path / "lvis_like.json"
+    cats = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}]
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    # LVIS-format categories alone do not choose the metric (no heuristic): the field does
+    default = custom_dataset_info(CustomDatasetCfg(name="mine_lvis", ann_file=str(ann)))
+    assert isinstance(build_evaluator(default), COCOOVDEvaluator)
+    lvis = custom_dataset_info(CustomDatasetCfg(name="mine_lvis", ann_file=str(ann), evaluator="lvis"))
+    assert lvis.evaluator == "lvis" and isinstance(build_evaluator(lvis), LVISEvaluator)
 
 
 def test_training_on_a_declared_dataset_equals_the_builtin(tmp_path):

@@ -11,17 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from ovd.data.loader import (
+from ovd.data.loader import DetectionDataset, build_test_loader, build_train_loader, collate_list
+from ovd.data.sampling import (
     LANDSCAPE,
     PORTRAIT,
-    DetectionDataset,
     GroupedBatchSampler,
     InferenceSampler,
     StreamItem,
     aspect_groups,
-    build_test_loader,
-    build_train_loader,
-    collate_list,
     epoch_permutation,
     group_into_batches,
     rank_index_stream,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from ovd.config import load_config
-from ovd.engine import checkpoint as ckpt_module
 from ovd.engine.checkpoint import load_checkpoint, save_checkpoint
 from ovd.errors import OVDError
 from ovd.predictor import Predictor
+from ovd.runtime import checkpoint as ckpt_module
 from ovd.utils.cli import run_cli
 
 REPO = Path(__file__).parents[2]
