@@ -231,10 +231,7 @@ def ensure_store(plan: StorePlan, regions: RegionsCfg, cfg: Config, proposals: P
         source,
         clip,
         plan.path,
-        k=regions.k,
-        nms_thresh=regions.nms_thresh,
-        batch_size=regions.batch_size,
-        num_workers=cfg.data.num_workers,
+        regions.extraction(num_workers=cfg.data.num_workers),
         dataset_name=name,
     )
     return "reused" if complete else "extracted"
