@@ -19,22 +19,24 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from ovd.config import Config, CustomDatasetCfg, _check_keys, load_config
+from ovd.config import (
+    Config,
+    CustomDatasetCfg,
+    PipelineCfg,
+    StageCfg,
+    check_parallel_stages,
+    load_config,
+    load_pipeline,
+)
 from ovd.data.catalog import get_dataset
 from ovd.data.custom import register_custom_datasets
 from ovd.errors import OVDError
 from ovd.preflight import check_pipeline
 from ovd.prepare import (
-    PseudoLabelsCfg,
-    RegionsCfg,
     StorePlan,
     ensure_caption_tags,
     ensure_pseudo_labels,
@@ -52,53 +54,6 @@ METRIC_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP")  # OV-COCO-style row
 LVIS_BOX_KEYS = ("APr", "APc", "APf", "AP")  # LVIS-style rows: these box metrics ...
 LVIS_MASK_KEYS = ("APr", "AP")  # ... then these mask ones, as mask_APr, mask_AP
 LVIS_KEYS = (*LVIS_BOX_KEYS, *(f"mask_{k}" for k in LVIS_MASK_KEYS))
-
-
-@dataclass(frozen=True)
-class StageCfg:
-    name: str = ""  # stage name: its output folder and how later recipes refer to it (init_stage)
-    config: str = ""  # recipe file, relative to the pipeline file
-    overrides: list[str] = field(default_factory=list)  # key=value overrides of the recipe
-
-
-@dataclass(frozen=True)
-class PipelineCfg:
-    stages: list[StageCfg] = field(default_factory=list)  # detector stages, in order
-    regions: RegionsCfg = field(default_factory=RegionsCfg)  # the store read by stages with distillation
-    pseudo_labels: PseudoLabelsCfg = field(default_factory=PseudoLabelsCfg)  # read by stages with "pseudo" sources
-    teacher: bool = False  # train the OV-Shapes CLIP teacher first when it is missing
-    demo_images: int = 4  # validation images the final model is demonstrated on (0 = no demo)
-    demo_confidence: float = 0.3  # score threshold of the demo drawings
-    parallel_stages: int = 1  # stages trained at once, each in its own process, once their init stages are done
-
-
-def load_pipeline(path: str | os.PathLike[str]) -> PipelineCfg:
-    path = Path(path)
-    if not path.is_file():
-        raise OVDError("pipeline file not found", path=path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise OVDError(f"malformed YAML: {e}", path=path) from e
-    _check_keys(data, PipelineCfg, "", str(path))
-    _check_keys(data.get("regions") or {}, RegionsCfg, "regions.", str(path))
-    _check_keys(data.get("pseudo_labels") or {}, PseudoLabelsCfg, "pseudo_labels.", str(path))
-    for i, stage in enumerate(data.get("stages") or []):
-        _check_keys(stage, StageCfg, f"stages[{i}].", str(path))
-    try:
-        cfg: PipelineCfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineCfg), data))  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise OVDError(f"invalid value: {str(e).splitlines()[0]}", path=path) from e
-    names = [s.name for s in cfg.stages]
-    if not names or len(set(names)) != len(names) or "" in names:
-        raise OVDError("stages need unique, non-empty names", path=path, field="stages")
-    _check_parallel_stages(cfg.parallel_stages, path)
-    return cfg
-
-
-def _check_parallel_stages(n: int, path: Path | None = None) -> None:
-    if n < 1:
-        raise OVDError(f"must be >= 1, got {n}", path=path, field="parallel_stages")
 
 
 def stage_config(
@@ -319,7 +274,7 @@ def _run_pipeline(
     out = Path(output_dir)
     pipe = load_pipeline(pipeline_file)
     if parallel_stages is not None:
-        _check_parallel_stages(parallel_stages)
+        check_parallel_stages(parallel_stages)
         pipe = replace(pipe, parallel_stages=parallel_stages)
     if smoke:  # every stage, a few images and iterations, in this process (the subsets live in its catalog)
         overrides = [*smoke_overrides(), *(overrides or [])]

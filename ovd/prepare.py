@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ovd.clip.model import file_sha256
-from ovd.config import Config
+from ovd.config import Config, PseudoLabelsCfg, RegionsCfg
 from ovd.data.catalog import DatasetInfo, get_dataset
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
@@ -37,29 +37,6 @@ from ovd.utils.io import read_json, write_json
 logger = logging.getLogger(__name__)
 
 PROVENANCE_KEY = "ovd_provenance"
-
-
-@dataclass(frozen=True)
-class RegionsCfg:
-    """Class-agnostic regions + CLIP embeddings for region distillation (METHOD §3.1–§3.2)."""
-
-    proposals: str = ""  # stage whose final checkpoint proposes the regions, or a COCO results JSON ("" = none)
-    dataset: str = ""  # whose images ("" = the first stage's data.train, or its first source); others share its ids
-    k: int = 5  # regions kept per image after class-agnostic NMS (distillation reads the first num_regions)
-    nms_thresh: float = 0.5  # class-agnostic NMS IoU
-    batch_size: int = 256  # crops per CLIP forward pass
-
-
-@dataclass(frozen=True)
-class PseudoLabelsCfg:
-    """Pseudo boxes for image-level labels (PIS, METHOD §4.2), scored by CLIP on the stored regions."""
-
-    dataset: str = ""  # image-label dataset (caption tags) to pseudo-label ("" = no PIS step)
-    name: str = ""  # catalog name the pseudo-labelled dataset is registered under (the recipes' sources use it)
-    score: str = "softmax"  # how a region is scored for a label: softmax (over the vocabulary) | cosine
-    threshold: float = 0.3  # a label keeps its best region only when that region's score exceeds this
-    logit_scale: float = 100.0  # softmax scale over the vocabulary (CLIP's learnt scale is 100)
-    own_regions: bool = False  # labels of other images than the regions dataset's (ImageNet): a store of their own
 
 
 def _sha256_json(obj: Any) -> str:
@@ -254,10 +231,7 @@ def ensure_store(plan: StorePlan, regions: RegionsCfg, cfg: Config, proposals: P
         source,
         clip,
         plan.path,
-        k=regions.k,
-        nms_thresh=regions.nms_thresh,
-        batch_size=regions.batch_size,
-        num_workers=cfg.data.num_workers,
+        regions.extraction(num_workers=cfg.data.num_workers),
         dataset_name=name,
     )
     return "reused" if complete else "extracted"

@@ -14,7 +14,10 @@ import argparse
 import logging
 import sys
 
+from ovd.config import CROP_DTYPES, RESIZE_BACKENDS, ExtractionCfg
 from ovd.utils.cli import run_cli, setup_logging
+
+DEFAULTS = ExtractionCfg()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,28 +31,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--proposals", help="a trained ovd checkpoint (.pth) or a COCO results JSON of class-agnostic boxes")
     p.add_argument("--clip-model", help="open_clip architecture, e.g. ViT-B-32")
     p.add_argument("--clip-pretrained", help="open_clip tag (openai) or checkpoint path; omitted: random init (tests)")
-    p.add_argument("--k", type=int, default=5, help="regions kept per image after NMS (default: 5, METHOD §3.1)")
-    p.add_argument("--nms", type=float, default=0.5, help="class-agnostic NMS IoU threshold (default: 0.5)")
-    p.add_argument("--batch-size", type=int, default=256, help="crops per CLIP forward pass (default: 256)")
-    p.add_argument("--workers", type=int, default=2, help="processes decoding and cropping images (default: 2)")
-    p.add_argument("--chunk-size", type=int, default=512, help="images per resumable part file (default: 512)")
+    d = DEFAULTS
+    p.add_argument("--k", type=int, default=d.k, help=f"regions kept per image after NMS (default: {d.k}, METHOD §3.1)")
+    p.add_argument("--nms", type=float, default=d.nms_thresh, help=f"class-agnostic NMS IoU (default: {d.nms_thresh})")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"crops per CLIP forward (default: {d.batch_size})"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.num_workers,
+        help=f"processes decoding and cropping images (default: {d.num_workers})",
+    )
+    p.add_argument(
+        "--chunk-size", type=int, default=d.chunk_size, help=f"images per resumable part file (default: {d.chunk_size})"
+    )
     p.add_argument("--num-shards", type=int, default=1, help="split the dataset into this many shards (default: 1)")
     p.add_argument("--shard-index", type=int, default=0, help="which shard this process extracts, 0-based")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda, for CLIP and a detector (default: auto)")
     p.add_argument("--min-size", type=int, help="detector proposals: test short side (default: its config's)")
     p.add_argument("--max-size", type=int, help="detector proposals: test long-side cap (default: its config's)")
-    backends = ["auto", "pil", "tensor", "batched"]
     p.add_argument(
         "--resize-backend",
-        default="auto",
-        choices=backends,
+        default=d.resize_backend,
+        choices=["auto", *RESIZE_BACKENDS],
         help="where crops are made: PIL in the workers, torch per crop or batched matrix products on the CLIP device "
         "(auto: batched on a GPU, pil on a CPU)",
     )
     p.add_argument(
         "--crop-dtype",
-        default="auto",
-        choices=["auto", "float32", "float16"],
+        default=d.crop_dtype,
+        choices=["auto", *CROP_DTYPES],
         help="dtype of the batched backend's matrix products (auto: float16 on a GPU, within one intensity level "
         "of float32; float32 on a CPU)",
     )
@@ -79,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.clip_pretrained:
         logging.getLogger(__name__).warning("no --clip-pretrained: the CLIP teacher is randomly initialised")
     clip = create_clip(args.clip_model, args.clip_pretrained, device=device)
+    options = ExtractionCfg(
+        k=args.k, nms_thresh=args.nms, batch_size=args.batch_size, num_workers=args.workers,
+        chunk_size=args.chunk_size, resize_backend=args.resize_backend, crop_dtype=args.crop_dtype,
+    )  # fmt: skip
     out = extract_region_embeddings(
-        records, source, clip, args.output, k=args.k, nms_thresh=args.nms, batch_size=args.batch_size,
-        num_workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
-        chunk_size=args.chunk_size, dataset_name=name, progress=not args.no_progress,
-        resize_backend=args.resize_backend, crop_dtype=args.crop_dtype,
+        records, source, clip, args.output, options, num_shards=args.num_shards, shard_index=args.shard_index,
+        dataset_name=name, progress=not args.no_progress,
     )  # fmt: skip
     done = "complete" if store_is_complete(out) else "waiting for the other shards (then --merge)"
     print(f"region store: {out} ({done})")

@@ -1,20 +1,14 @@
 """Region-based knowledge distillation data: proposal sources, CLIP region-embedding store, extraction.
 
-from ovd.distill import FileProposals, RegionStore, extract_region_embeddings
-extract_region_embeddings(records, FileProposals("props.json"), clip, "output/rkd/coco_train")
+from ovd.distill import ExtractionCfg, FileProposals, RegionStore, extract_region_embeddings
+extract_region_embeddings(records, FileProposals("props.json"), clip, "output/rkd/coco_train", ExtractionCfg(k=5))
 store = RegionStore.open("output/rkd/coco_train")
 boxes, embeddings = store.lookup(image_id)  # float32[k, 4] original pixels, float32[k, D] unit norm
 """
 
-from ovd.distill.extract import (
-    DEFAULT_K,
-    DEFAULT_NMS_THRESH,
-    CropEncoder,
-    CropPreprocess,
-    crop_box_pixels,
-    extract_region_embeddings,
-    weights_sha256,
-)
+from ovd.config import ExtractionCfg
+from ovd.distill.crops import CropPreprocess, crop_box_pixels
+from ovd.distill.extract import CropEncoder, extract_region_embeddings, weights_sha256
 from ovd.distill.proposals import (
     DetectorProposals,
     FileProposals,
@@ -33,11 +27,10 @@ from ovd.distill.store import (
 )
 
 __all__ = [
-    "DEFAULT_K",
-    "DEFAULT_NMS_THRESH",
     "CropEncoder",
     "CropPreprocess",
     "DetectorProposals",
+    "ExtractionCfg",
     "FileProposals",
     "MergeInProgressError",
     "ProposalSource",

@@ -124,6 +124,7 @@ def _fidelity_teacher(model: nn.Module, info: DatasetInfo, cfg: Config, output_d
     """``(records with boxes, RegionStore)``: CLIP embeddings of ``info``'s ground-truth boxes, extracted
     into ``output_dir/fidelity_regions`` the first time."""
     from ovd.clip import create_clip
+    from ovd.config import ExtractionCfg
     from ovd.distill.extract import extract_region_embeddings
     from ovd.distill.fidelity import KEEP_ALL_NMS, GroundTruthProposals
     from ovd.distill.store import RegionStore, store_is_complete
@@ -137,9 +138,9 @@ def _fidelity_teacher(model: nn.Module, info: DatasetInfo, cfg: Config, output_d
             GroundTruthProposals(),
             clip,
             path,
-            k=max(len(r.boxes) for r in records),
-            nms_thresh=KEEP_ALL_NMS,
-            num_workers=cfg.data.num_workers,
+            ExtractionCfg(
+                k=max(len(r.boxes) for r in records), nms_thresh=KEEP_ALL_NMS, num_workers=cfg.data.num_workers
+            ),
             dataset_name=info.name,
             progress=False,
         )

@@ -2,6 +2,7 @@
 sharding + merge, error reporting, and the command-line tool."""
 
 import json
+from dataclasses import fields
 from importlib import util
 from pathlib import Path
 
@@ -12,8 +13,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+import ovd.distill.crops as crops_mod
 import ovd.distill.extract as extract_mod
+import ovd.distill.extract_io as io_mod
 from ovd.clip import create_clip
+from ovd.config import ExtractionCfg
 from ovd.distill import (
     CropPreprocess,
     FileProposals,
@@ -80,8 +84,9 @@ def data(tmp_path_factory):
 
 def _extract(records, props, clip, out, **kw):
     kw = {"chunk_size": 3, "batch_size": 8, "num_workers": 0, "progress": False, "dataset_name": "toy", **kw}
+    options = ExtractionCfg(**{f.name: kw.pop(f.name) for f in fields(ExtractionCfg) if f.name in kw})
     source = props if isinstance(props, ProposalSource) else FileProposals(props)
-    return extract_region_embeddings(records, source, clip, out, **kw)
+    return extract_region_embeddings(records, source, clip, out, options, **kw)
 
 
 def _same_bytes(a: Path, b: Path) -> None:
@@ -125,9 +130,9 @@ def test_crop_preprocess_equals_torchvision_on_pil(clip):
     small = np.array(image)[20:75, 30:]  # (55, 100, 3)
     small_rects = [(0, 0, 100, 55), (60, 10, 99, 54)]
     none = np.zeros((0, 4), dtype=np.int64)
-    batch = extract_mod.pad_stack([np.array(image)[:, :, ::-1], small[:, :, ::-1], small[:, :, ::-1]])
+    batch = crops_mod.pad_stack([np.array(image)[:, :, ::-1], small[:, :, ::-1], small[:, :, ::-1]])
     assert batch.shape == (3, 90, 130, 3) and not batch[1, 55:].any() and not batch[1, :, 100:].any()
-    made = extract_mod.batched_crop_resize(
+    made = crops_mod.batched_crop_resize(
         torch.from_numpy(batch), [np.array(rects), none, np.array(small_rects)], prep, bgr=True
     )  # (n, 3, 64, 64)
     small_t = torch.from_numpy(small.copy()).permute(2, 0, 1).float()
@@ -138,20 +143,18 @@ def test_crop_preprocess_equals_torchvision_on_pil(clip):
     for crop, ref in zip(made, expected, strict=True):
         diff = (crop - ref).abs()
         assert diff.max() <= 1 and diff.mean() < 1e-3, diff.max()
-    rgb = extract_mod.batched_crop_resize(torch.from_numpy(batch[:1, :, :, ::-1].copy()), [np.array(rects)], prep)
+    rgb = crops_mod.batched_crop_resize(torch.from_numpy(batch[:1, :, :, ::-1].copy()), [np.array(rects)], prep)
     torch.testing.assert_close(rgb, made[: len(rects)])  # bgr=False on an RGB batch: the same crops
-    assert extract_mod.batched_crop_resize(torch.from_numpy(batch[:1]), [none], prep).shape == (0, 3, 64, 64)
+    assert crops_mod.batched_crop_resize(torch.from_numpy(batch[:1]), [none], prep).shape == (0, 3, 64, 64)
     # garbage in the padding is never read (the ring's slots are not cleared between tasks)
     dirty = batch.copy()
     dirty[1, 55:], dirty[1, :, 100:] = 255, 7
-    plan = extract_mod.plan_crops([np.array(rects), none, np.array(small_rects)], prep)
+    plan = crops_mod.plan_crops([np.array(rects), none, np.array(small_rects)], prep)
     torch.testing.assert_close(
-        extract_mod.batched_crop_resize(torch.from_numpy(dirty), None, prep, bgr=True, plan=plan), made
+        crops_mod.batched_crop_resize(torch.from_numpy(dirty), None, prep, bgr=True, plan=plan), made
     )
     # float16 matrix products (the GPU default): one intensity level at most, on a few per cent of pixels
-    half = extract_mod.batched_crop_resize(
-        torch.from_numpy(batch), None, prep, bgr=True, plan=plan, dtype=torch.float16
-    )
+    half = crops_mod.batched_crop_resize(torch.from_numpy(batch), None, prep, bgr=True, plan=plan, dtype=torch.float16)
     diff = (half - made).abs()
     assert half.dtype == torch.float32 and diff.max() <= 1 and 0 < (diff > 0).float().mean() < 0.1
     # float boxes: corners rounded half up, never empty, inside the image
@@ -175,20 +178,20 @@ def test_weights_sha256_definition():
 def test_resize_weights_hand_values():
     t = lambda *v: torch.tensor(v)  # noqa: E731
     # length 4 -> 2, antialiased bilinear: scale 2, support 2, taps (j + 0.5 - c) / 2 -> 3/7, 3/7, 1/7
-    w = extract_mod.resize_weights(t(0), t(4), t(2), t(0), 2, 4, "bilinear")[0]  # (2, 4)
+    w = crops_mod.resize_weights(t(0), t(4), t(2), t(0), 2, 4, "bilinear")[0]  # (2, 4)
     np.testing.assert_allclose(w.numpy(), [[3 / 7, 3 / 7, 1 / 7, 0], [0, 1 / 7, 3 / 7, 3 / 7]], rtol=1e-6)
     # the same crop at image offset 3 of a 9-px axis, keeping resized pixel 1 only
-    w = extract_mod.resize_weights(t(3), t(4), t(2), t(1), 1, 9, "bilinear")[0]  # (1, 9)
+    w = crops_mod.resize_weights(t(3), t(4), t(2), t(1), 1, 9, "bilinear")[0]  # (1, 9)
     np.testing.assert_allclose(w.numpy(), [[0, 0, 0, 0, 1 / 7, 3 / 7, 3 / 7, 0, 0]], rtol=1e-6, atol=1e-7)
     # same length: the identity (bicubic taps at integer offsets are 1, 0, 0)
-    w = extract_mod.resize_weights(t(0), t(5), t(5), t(0), 5, 5, "bicubic")[0]
+    w = crops_mod.resize_weights(t(0), t(5), t(5), t(0), 5, 5, "bicubic")[0]
     np.testing.assert_allclose(w.numpy(), np.eye(5), atol=1e-7)
     # against torch's antialiased interpolate along one axis (down, up, same size)
     x = torch.randn(1, 1, 64, 5, generator=torch.Generator().manual_seed(0))  # (1, 1, H, 5)
     for n_in, n_out in ((37, 11), (7, 19), (64, 64)):
         for mode in ("bicubic", "bilinear"):
             ref = torch.nn.functional.interpolate(x[:, :, :n_in], size=(n_out, 5), mode=mode, antialias=True)[0, 0]
-            w = extract_mod.resize_weights(t(0), t(n_in), t(n_out), t(0), n_out, n_in, mode)[0]  # (n_out, n_in)
+            w = crops_mod.resize_weights(t(0), t(n_in), t(n_out), t(0), n_out, n_in, mode)[0]  # (n_out, n_in)
             np.testing.assert_allclose((w @ x[0, 0, :n_in]).numpy(), ref.numpy(), atol=1e-5, err_msg=f"{n_in}->{n_out}")
 
 
@@ -232,19 +235,19 @@ def test_decode_buffers_give_the_queue_s_bytes(data, clip, tmp_path, monkeypatch
     kw = {"batch_size": 2, "num_workers": 2, "resize_backend": "batched"}  # k=5 -> one image per task
     queue = _extract(records, props, clip, tmp_path / "queue", host_ring=False, **kw)
     made = []
-    real_ring = extract_mod.HostRing
+    real_ring = io_mod.HostRing
 
     def spy(*args, **kwargs):
         made.append(real_ring(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(extract_mod, "HostRing", spy)
+    monkeypatch.setattr(io_mod, "HostRing", spy)
     ring = _extract(records, props, clip, tmp_path / "ring", **kw)
     _same_bytes(queue, ring)
     sizes = sorted(r.height * r.width * 3 for r in records if r.image_id != EMPTY_ID)
     assert [(r.num_slots, r.slot_bytes, r.pinned) for r in made] == [(6, sizes[-1], False)]  # file boxes: one pool
     # a smaller slot budget: the 4 largest images go through the queue, the other 5 through the ring
-    monkeypatch.setattr(extract_mod, "_RING_BUDGET_BYTES", 6 * sizes[4])
+    monkeypatch.setattr(io_mod, "_RING_BUDGET_BYTES", 6 * sizes[4])
     made.clear()
     with caplog.at_level("INFO", logger="ovd.distill.extract"):
         mixed = _extract(records, props, clip, tmp_path / "mixed", **kw)
@@ -252,7 +255,7 @@ def test_decode_buffers_give_the_queue_s_bytes(data, clip, tmp_path, monkeypatch
     assert [r.slot_bytes for r in made] == [sizes[4]]
     assert "decode buffers 6 x 0.0 MB (page-locked: False), 4 tasks too large for them" in caplog.text
     # a /dev/shm too small for the buffers (Docker's default): everything goes through the queue
-    monkeypatch.setattr(extract_mod, "_shm_free_bytes", lambda: 11 * sizes[4])
+    monkeypatch.setattr(io_mod, "_shm_free_bytes", lambda: 11 * sizes[4])
     made.clear()
     with caplog.at_level("INFO", logger="ovd.distill.extract"):
         small = _extract(records, props, clip, tmp_path / "small_shm", **kw)
@@ -284,7 +287,7 @@ def test_file_proposals_are_made_as_chunks_come_up(data, clip, tmp_path, monkeyp
     before the first crop: with in-process loading the calls interleave with the part writes."""
     records, props = data
     events = []
-    real_propose, real_write = extract_mod._propose, extract_mod.write_part
+    real_propose, real_write = extract_mod.propose_chunk, extract_mod.write_part
 
     def propose(chunk, *args, **kwargs):
         events.append(("propose", chunk.index))
@@ -294,11 +297,11 @@ def test_file_proposals_are_made_as_chunks_come_up(data, clip, tmp_path, monkeyp
         events.append(("write", kwargs["meta"]["part"]["chunk_index"]))
         return real_write(path, **kwargs)
 
-    monkeypatch.setattr(extract_mod, "_propose", propose)
+    monkeypatch.setattr(extract_mod, "propose_chunk", propose)
     monkeypatch.setattr(extract_mod, "write_part", write)
     out = _extract(records, props, clip, tmp_path / "lazy", batch_size=10)  # chunks of 3 images, one image per task
     assert events == [(e, i) for i in range(4) for e in ("propose", "write")]
-    monkeypatch.setattr(extract_mod, "_propose", real_propose)
+    monkeypatch.setattr(extract_mod, "propose_chunk", real_propose)
     monkeypatch.setattr(extract_mod, "write_part", real_write)
     _same_bytes(out, _extract(records, props, clip, tmp_path / "ref", batch_size=10))
 
@@ -325,7 +328,7 @@ def test_bad_proposals_of_a_later_chunk_name_file_and_image(data, clip, tmp_path
 
 
 def test_host_ring_slots_wrap_around():
-    ring = extract_mod.HostRing(3, 24, torch.device("cpu"))
+    ring = io_mod.HostRing(3, 24, torch.device("cpu"))
     for item in range(7):
         ring.view(item, (2, 2, 2, 3)).fill_(item)  # 24 bytes = one slot
     assert ring.buffer.view(3, 24)[:, 0].tolist() == [6, 4, 5]  # item i lives in slot i % 3

@@ -1,5 +1,6 @@
 """CUDA and mixed-precision paths (skipped without a GPU)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
     import numpy as np
 
     from ovd.clip import create_clip
-    from ovd.distill import FileProposals, RegionStore, extract_region_embeddings
+    from ovd.distill import ExtractionCfg, FileProposals, RegionStore, extract_region_embeddings
 
     records, props = _images_and_proposals(tmp_path, 12, (120, 400), boxes=6, min_side=2, seed=0, png_every=4)
     torch.manual_seed(0)
@@ -118,9 +119,9 @@ def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
     from ovd.distill.extract import weights_sha256
 
     assert weights_sha256(gpu_clip.model) == weights_sha256(cpu_clip.model)  # one-copy GPU path, same digest
-    kw = {"batch_size": 16, "num_workers": 2, "chunk_size": 5, "progress": False}
-    ref = RegionStore.open(extract_region_embeddings(records, FileProposals(props), cpu_clip, tmp_path / "cpu", **kw))
-    out = RegionStore.open(extract_region_embeddings(records, FileProposals(props), gpu_clip, tmp_path / "gpu", **kw))
+    opts = ExtractionCfg(batch_size=16, num_workers=2, chunk_size=5)
+    ref = RegionStore.open(extract_region_embeddings(records, FileProposals(props), cpu_clip, tmp_path / "cpu", opts))
+    out = RegionStore.open(extract_region_embeddings(records, FileProposals(props), gpu_clip, tmp_path / "gpu", opts))
     assert out.metadata["crop_preprocess"]["backend"] == "batched"  # the default on a GPU
     assert out.metadata["crop_preprocess"]["matmul_dtype"] == "float16"  # tensor cores
     for rec in records:
@@ -135,28 +136,29 @@ def test_cuda_decode_buffers_give_the_queue_s_bytes(tmp_path):
     """On a GPU the ring of page-locked decode buffers (asynchronous copies on a side stream, slots
     reused ~40 times) gives exactly the bytes of the DataLoader-queue path."""
 
-    import ovd.distill.extract as extract_mod
+    import ovd.distill.extract_io as io_mod
     from ovd.clip import create_clip
-    from ovd.distill import FileProposals, extract_region_embeddings
+    from ovd.distill import ExtractionCfg, FileProposals, extract_region_embeddings
 
     records, props = _images_and_proposals(tmp_path, 240, (200, 480), boxes=5, min_side=8, seed=1)
     torch.manual_seed(0)
     clip = create_clip("ViT-B-32", None, device="cuda")
     made = []
-    real_ring = extract_mod.HostRing
-    kw = {"batch_size": 20, "num_workers": 2, "chunk_size": 64, "progress": False}  # 2 images per task, 6 slots
-    queue = extract_region_embeddings(records, FileProposals(props), clip, tmp_path / "queue", host_ring=False, **kw)
+    real_ring = io_mod.HostRing
+    opts = ExtractionCfg(batch_size=20, num_workers=2, chunk_size=64)  # 2 images per task, 6 slots
+    queue_opts = replace(opts, host_ring=False)
+    queue = extract_region_embeddings(records, FileProposals(props), clip, tmp_path / "queue", queue_opts)
 
     def spy(*args, **kwargs):
         ring = real_ring(*args, **kwargs)
         made.append((ring.num_slots, ring.pinned))
         return ring
 
-    extract_mod.HostRing = spy
+    io_mod.HostRing = spy
     try:
-        ring = extract_region_embeddings(records, FileProposals(props), clip, tmp_path / "ring", **kw)
+        ring = extract_region_embeddings(records, FileProposals(props), clip, tmp_path / "ring", opts)
     finally:
-        extract_mod.HostRing = real_ring
+        io_mod.HostRing = real_ring
     assert made == [(6, True)]  # page-locked in place
     for name in ("boxes.npy", "embeddings.npy", "valid.npy", "image_ids.npy"):
         assert (queue / name).read_bytes() == (ring / name).read_bytes(), name
