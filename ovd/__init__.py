@@ -13,8 +13,8 @@ from typing import Any
 _EXPORTS: dict[str, str] = {  # public name -> module defining it
     "OVDError": "ovd.errors",
     "Detections": "ovd.structures",
-    "Config": "ovd.config",
-    "load_config": "ovd.config",
+    "Config": "ovd.config.schema",
+    "load_config": "ovd.config.loading",
     "DatasetInfo": "ovd.data.catalog",
     "get_dataset": "ovd.data.catalog",
     "list_datasets": "ovd.data.catalog",
@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {  # public name -> module defining it
     "build_evaluator": "ovd.evaluation.evaluator",
     "train": "ovd.engine.trainer",
     "evaluate": "ovd.engine.evaluate",
+    "load_trained_detector": "ovd.runtime.detector",
     "Predictor": "ovd.predictor",
     "export_onnx": "ovd.export",
     "OnnxDetector": "ovd.export",
