@@ -93,6 +93,17 @@ def test_eval_only_on_ov_coco(converted, coco_tree, tmp_path, monkeypatch, capsy
     for key in ("AP50_novel", "AP50_base", "AP50_all", "AP"):
         assert 0.0 <= metrics[key] <= 100.0, key
     assert not (out / "text_embeddings").exists()  # the checkpoint's vocabulary: no text encoder was needed
+    # the evaluated detections are the converted model's: those of its busiest image equal the Predictor's
+    from ovd.data.catalog import get_dataset
+
+    info = get_dataset("coco_ovd_val")
+    dets = json.loads((out / "eval" / "detections.json").read_text())
+    assert dets
+    busiest = max({d["image_id"] for d in dets}, key=lambda i: sum(d["image_id"] == i for d in dets))
+    image = next(im for im in json.loads(info.ann_file_path.read_text())["images"] if im["id"] == busiest)
+    ours = Predictor(ckpt, confidence=0.05, device="cpu")(str(info.image_root_path / image["file_name"]))
+    want = sorted(d["score"] for d in dets if d["image_id"] == busiest)
+    assert np.allclose(sorted(ours.scores.tolist()), want, atol=1e-5, rtol=0)
 
 
 def test_training_starts_from_the_converted_weights(converted, coco_tree, tmp_path, monkeypatch):
