@@ -7,7 +7,10 @@ the shared seeded weights of ``random_weights.py``, makes them informative (Froz
 calibrated on a photo, a classifier bias that lets a few per cent of class scores pass the test
 threshold), and records on scikit-image sample photos: the normalised input, the backbone features,
 RPN objectness and deltas, the proposals, the RoI head's class scores and box deltas for given
-proposals, and the final instances (+ masks).
+proposals, and the final instances (+ masks). The records are computed in float64 (``model.double()``
+after calibration: the same float32 weights, float64 arithmetic; :func:`keep_float64` removes detectron2's
+three float32 casts on these paths) and stored as float32, so the tests can hold ovd's float64 run to
+the issue's tolerances; a float32 run's small records (``float32/<photo>/...``) are stored too.
 
 Usage (a Python environment with detectron2's pure-python deps: fvcore, iopath, yacs, termcolor, tabulate)::
 
@@ -16,7 +19,8 @@ Usage (a Python environment with detectron2's pure-python deps: fvcore, iopath, 
         --zeroshot-weights /path/to/zeroshot_weights --output tests/compat/data
 
 It writes ``detectron2_manifests.json`` (the exact key names and shapes of every reference architecture
-at full size) and ``d2_parity_<arch>.npz`` per architecture. Fixture size is kept small by (1) the
+at full size), ``d2_parity_<arch>.npz`` per architecture and ``zeroshot_{coco,lvis}.npy`` (the reference's
+class embeddings, shared by the fixtures of a dataset). Fixture size is kept small by (1) the
 shared weight generator (no conv weights stored), (2) a subset of feature channels (every
 ``C / 16``-th) and (3) small photos; see the README of this folder.
 """
@@ -323,7 +327,7 @@ def main() -> int:
     ap.add_argument("--reference", type=Path, required=True, help="object-centric-ovd source tree")
     ap.add_argument("--zeroshot-weights", type=Path, required=True, help="folder with the reference's *.npy")
     ap.add_argument("--output", type=Path, default=HERE.parent.parent / "tests" / "compat" / "data")
-    ap.add_argument("--archs", nargs="+", default=["c4", "c4_wt", "fpn_mask"], choices=list(ARCHS))
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--manifests-only", action="store_true")
     ap.add_argument("--float32", action="store_true", help="record in float32 only (default: float64 records)")
     ap.add_argument(
