@@ -7,7 +7,10 @@ the shared seeded weights of ``random_weights.py``, makes them informative (Froz
 calibrated on a photo, a classifier bias that lets a few per cent of class scores pass the test
 threshold), and records on scikit-image sample photos: the normalised input, the backbone features,
 RPN objectness and deltas, the proposals, the RoI head's class scores and box deltas for given
-proposals, and the final instances (+ masks).
+proposals, and the final instances (+ masks). The records are computed in float64 (``model.double()``
+after calibration: the same float32 weights, float64 arithmetic; :func:`keep_float64` removes detectron2's
+three float32 casts on these paths) and stored as float32, so the tests can hold ovd's float64 run to
+the issue's tolerances; a float32 run's small records (``float32/<photo>/...``) are stored too.
 
 Usage (a Python environment with detectron2's pure-python deps: fvcore, iopath, yacs, termcolor, tabulate)::
 
@@ -16,7 +19,8 @@ Usage (a Python environment with detectron2's pure-python deps: fvcore, iopath, 
         --zeroshot-weights /path/to/zeroshot_weights --output tests/compat/data
 
 It writes ``detectron2_manifests.json`` (the exact key names and shapes of every reference architecture
-at full size) and ``d2_parity_<arch>.npz`` per architecture. Fixture size is kept small by (1) the
+at full size), ``d2_parity_<arch>.npz`` per architecture and ``zeroshot_{coco,lvis}.npy`` (the reference's
+class embeddings, shared by the fixtures of a dataset). Fixture size is kept small by (1) the
 shared weight generator (no conv weights stored), (2) a subset of feature channels (every
 ``C / 16``-th) and (3) small photos; see the README of this folder.
 """
@@ -24,9 +28,11 @@ shared weight generator (no conv weights stored), (2) a subset of feature channe
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -44,6 +50,23 @@ ARCHS = {
     "fpn_mask_wt": ("configs/lvis/LVIS_OVD_RKD_PIS_WeightTransfer.yaml", "lvis_v1_clip_a+photo+cname.npy"),
 }
 IMAGES = ("coffee", "chelsea")  # skimage.data photos: 400x600 and 300x451
+# the photos recorded per architecture (the 10 MB budget: an FPN record of one photo is ~2 MB)
+ARCH_IMAGES = {"c4": IMAGES, "c4_wt": ("chelsea",), "fpn_mask": ("coffee",), "fpn_mask_wt": ("chelsea",)}
+ZEROSHOT_FILES = {
+    "coco_clip_a+photo+cname.npy": "zeroshot_coco.npy",
+    "lvis_v1_clip_a+photo+cname.npy": "zeroshot_lvis.npy",
+}
+# recorded a second time with the float32 model (the tests' rounding check): small records only
+FLOAT32_KEYS = (
+    "proposals",
+    "proposal_logits",
+    "fixed_proposals",
+    "fixed_scores",
+    "fixed_deltas",
+    "det_boxes",
+    "det_scores",
+    "det_classes",
+)
 CALIBRATION_IMAGE = "astronaut"
 NUM_CHANNELS = 16  # feature channels recorded per map
 NUM_FIXED_PROPOSALS = 20  # proposals whose RoI-head outputs are recorded
@@ -60,6 +83,41 @@ def reference_env(d2_src: Path, ref_src: Path) -> None:
 
     PIL.Image.LINEAR = PIL.Image.BILINEAR  # removed in Pillow 10, used by detectron2 v0.6
     sys.path[:0] = [str(d2_src), str(ref_src)]
+
+
+def _parity_float(t):
+    import torch
+
+    return torch.float64 if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else torch.float32
+
+
+def _patch_source(fn, replacements: dict[str, str]) -> None:
+    """Recompile ``fn`` (a detectron2 function) from its own source with textual ``replacements``."""
+    src = textwrap.dedent(inspect.getsource(fn))
+    for old, new in replacements.items():
+        assert old in src, (fn.__qualname__, old)
+        src = src.replace(old, new)
+    fn.__globals__["_parity_float"] = _parity_float
+    namespace: dict = {}
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), fn.__globals__, namespace)
+    fn.__code__ = namespace[fn.__name__].__code__
+
+
+def keep_float64() -> None:
+    """Let detectron2's inference path run in float64 (``model.double()``, for the parity records).
+
+    detectron2 v0.6 casts to float32 in three places on these models' paths: ``Boxes.__init__``, the box
+    decoding (``Box2BoxTransform.apply_deltas``) and ``batched_nms``. Each is recompiled from its own source
+    with the cast made dtype-preserving (float64 stays float64; anything else still becomes float32, so
+    float32 runs are unchanged). Everything else already follows the dtype of the weights and inputs.
+    """
+    from detectron2.layers import batched_nms
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.structures import Boxes
+
+    _patch_source(Boxes.__init__, {"dtype=torch.float32": "dtype=_parity_float(tensor)"})
+    _patch_source(Box2BoxTransform.apply_deltas, {"deltas.float()": "deltas.to(_parity_float(deltas))"})
+    _patch_source(batched_nms, {"boxes.float()": "boxes.to(_parity_float(boxes))"})
 
 
 def build_reference(arch: str, ref_src: Path, zs_dir: Path, tmp: Path):
@@ -105,6 +163,7 @@ def photo(name: str) -> np.ndarray:
 
 
 def d2_input(rgb: np.ndarray):
+    """detectron2's input dict: uint8 BGR (the model's float64 pixel mean makes the normalised input float64)."""
     import torch
 
     bgr = np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1))
@@ -268,13 +327,15 @@ def main() -> int:
     ap.add_argument("--reference", type=Path, required=True, help="object-centric-ovd source tree")
     ap.add_argument("--zeroshot-weights", type=Path, required=True, help="folder with the reference's *.npy")
     ap.add_argument("--output", type=Path, default=HERE.parent.parent / "tests" / "compat" / "data")
-    ap.add_argument("--archs", nargs="+", default=["c4", "c4_wt", "fpn_mask"], choices=list(ARCHS))
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--manifests-only", action="store_true")
+    ap.add_argument("--float32", action="store_true", help="record in float32 only (default: float64 records)")
     ap.add_argument(
         "--source-commits", nargs=2, metavar=("D2", "REF"), help="commits to record when the trees are archives"
     )
     args = ap.parse_args()
     reference_env(args.detectron2, args.reference)
+    keep_float64()
     import torch
 
     torch.set_num_threads(2)
@@ -293,16 +354,26 @@ def main() -> int:
             torch.manual_seed(0)
             model, _ = build_reference(arch, args.reference, args.zeroshot_weights, tmp)
             load_random(model, manifests[arch])
-            calibrated = calibrate(model, arch)
+            calibrated = calibrate(model, arch)  # in float32: the stored values are float32
             out = {f"calib/{k}": v for k, v in calibrated.items()}
-            out["zeroshot_npy"] = np.load(args.zeroshot_weights / ARCHS[arch][1])  # (C, D) float16: zs_weight's source
+            zs_file = ARCHS[arch][1]  # (C, D) float16: zs_weight's source, shared by the fixtures of a dataset
+            np.save(args.output / ZEROSHOT_FILES[zs_file], np.load(args.zeroshot_weights / zs_file))
+            out["zeroshot_file"] = np.array(ZEROSHOT_FILES[zs_file])
             out["post_nms_topk"] = np.array(POST_NMS_TOPK)
             out["score_thresh"] = np.array(SCORE_THRESH)
-            for name in IMAGES:
+            for name in ARCH_IMAGES[arch]:
                 for k, v in record(model, arch, photo(name)).items():
-                    out[f"{name}/{k}"] = v
+                    if k in FLOAT32_KEYS:
+                        out[f"float32/{name}/{k}"] = v
+            out["dtype"] = np.array("float32" if args.float32 else "float64")
+            if not args.float32:
+                model.double()  # same weights (float32 values), float64 arithmetic
+            for name in ARCH_IMAGES[arch]:
+                for k, v in record(model, arch, photo(name)).items():
+                    # float64 results stored as float32: 6e-8 relative, far below every tolerance
+                    out[f"{name}/{k}"] = v.astype(np.float32) if v.dtype == np.float64 and v.ndim else v
             np.savez_compressed(args.output / f"d2_parity_{arch}.npz", **out)
-            print(arch, {k: v.shape for k, v in out.items() if k.startswith(IMAGES[0] + "/det")})
+            print(arch, {k: v.shape for k, v in out.items() if k.startswith(ARCH_IMAGES[arch][0] + "/det")})
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()

@@ -16,6 +16,11 @@ from torch import Tensor, nn
 from ovd.errors import OVDError
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is a half type (autocast), unchanged in float32 / float64 (parity runs)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def normalized_vocabulary(class_embeddings: Tensor) -> Tensor:
     """``Tensor[C, D]`` → ``Tensor[C+1, D]``: L2-normalised rows plus a zero background row."""
     if class_embeddings.dim() != 2 or class_embeddings.shape[0] == 0:
@@ -76,7 +81,7 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``Tensor[R, D']`` → logits ``Tensor[R, C+1]`` (last column = background)."""
-        z = F.normalize(self.classification_embedding(x).float(), dim=1)  # (R, D)
+        z = F.normalize(at_least_float32(self.classification_embedding(x)), dim=1)  # (R, D)
         logits = self.temperature * z @ self.vocabulary.T  # (R, C+1)
         if self.bias is not None:
             logits = logits + self.bias

@@ -27,7 +27,7 @@ from ovd.losses import (
     pseudo_max_score_loss,
     sigmoid_ce_loss,
 )
-from ovd.modeling.classifier import ZeroShotClassifier
+from ovd.modeling.classifier import ZeroShotClassifier, at_least_float32
 from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
 from ovd.modeling.roi_align import MultiScaleRoIAlign, RoIAlign
 from ovd.structures import Detections
@@ -410,8 +410,8 @@ class OpenVocabRoIHeads(nn.Module):
     def predict(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
         """Sigmoid scores, shared class-agnostic boxes, threshold, per-class NMS, top-k (METHOD §1.1)."""
         num_per_image = [p.shape[0] for p in proposals]
-        boxes_all = self.box_coder.decode_single(deltas.float(), torch.cat(proposals))  # (R, 4)
-        scores_all = torch.sigmoid(logits.float())[:, : self.num_classes]  # (R, C): background dropped
+        boxes_all = self.box_coder.decode_single(at_least_float32(deltas), torch.cat(proposals))  # (R, 4)
+        scores_all = torch.sigmoid(at_least_float32(logits))[:, : self.num_classes]  # (R, C): background dropped
         results = []
         for boxes, scores, size in zip(
             boxes_all.split(num_per_image), scores_all.split(num_per_image), image_sizes, strict=True
@@ -429,7 +429,7 @@ class OpenVocabRoIHeads(nn.Module):
     ) -> list[Tensor]:
         """Apply the class-agnostic box regressor to ``boxes`` (per image ``Tensor[P_i, 4]``)."""
         x = self.region_features(features, boxes, image_sizes)  # (R, D')
-        decoded = self.box_coder.decode_single(self.box_regressor(x).float(), torch.cat(boxes))  # (R, 4)
+        decoded = self.box_coder.decode_single(at_least_float32(self.box_regressor(x)), torch.cat(boxes))  # (R, 4)
         return [
             clip_boxes_to_image(b, size)
             for b, size in zip(decoded.split([len(b) for b in boxes]), image_sizes, strict=True)

@@ -154,8 +154,11 @@ def test_converted_file_in_predictor(tmp_path, capsys):
     assert set(torch.load(out, weights_only=True)) == {"model", "config", "vocabulary", "detectron2_preset"}  # plain
     predictor = Predictor(out, device="cpu")
     got = predictor(parity._photo("chelsea").permute(1, 2, 0).numpy())  # 300 x 451: the test scale, no resize
-    ref = Prediction(
-        fix["chelsea/det_boxes"], fix["chelsea/det_scores"], fix["chelsea/det_classes"].astype(np.int64), []
+    ref = Prediction(  # detectron2's float32 run: the Predictor runs in float32 (the parity records: float64)
+        fix["float32/chelsea/det_boxes"],
+        fix["float32/chelsea/det_scores"],
+        fix["float32/chelsea/det_classes"].astype(np.int64),
+        [],
     )
     assert len(got) == len(ref) > 0
     assert matched_detections(ref, got, score_tol=1e-4, iou_min=0.999) == len(ref)
