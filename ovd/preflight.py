@@ -141,6 +141,9 @@ def _check_models(
     import torch
 
     key = (cfg.clip.model, cfg.clip.pretrained)
+    # with precomputed class embeddings the CLIP encoder is read only for the region-fidelity report
+    if cfg.clip.embeddings and not cfg.test.region_fidelity:
+        clip_dims.setdefault(key, 0)
     if key not in clip_dims and cfg.clip.pretrained and Path(cfg.clip.pretrained).resolve() in made:
         clip_dims[key] = 0  # the run makes it (the OV-Shapes teacher)
     if key not in clip_dims:

@@ -129,8 +129,8 @@ def test_training_starts_from_the_converted_weights(converted, coco_tree, tmp_pa
         "model.rpn.post_nms_top_n_train=32",
         "model.roi_heads.batch_size_per_image=8",
     ]
-    # --no-preflight: the pre-flight check loads the CLIP weights of clip.model even with clip.embeddings set
-    argv = ["--config-file", str(yaml), "--output-dir", str(out), "--no-preflight", *overrides]
+    # with the pre-flight check: clip.embeddings set, so it must not read CLIP weights (none exist here)
+    argv = ["--config-file", str(yaml), "--output-dir", str(out), *overrides]
     assert run_cli(_tool("train_net").main, argv) == 0
     start = load_checkpoint(ckpt)["model"]
     final = load_checkpoint(out / "model_final.pth")["model"]
