@@ -30,9 +30,7 @@ loss, L1 vs smooth-L1 on ≤ 256 anchors per image, is left out as negligible).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from typing import Any
 
 import torch
@@ -46,12 +44,11 @@ from detector_pair import (  # benchmarks/detector_pair.py
     profile_table,
     train_step_fn,
 )
+from machine import emit_report, load_average  # benchmarks/machine.py
 from model_report import GOALS, report  # benchmarks/model_report.py
-from timing import OURS, TV, Summary, per_call, timed_interleaved  # benchmarks/timing.py
+from timing import OURS, TV, Stopwatch, Summary, per_call, timed_interleaved  # benchmarks/timing.py
 from torch import nn
 from torchvision.models.detection import roi_heads as tv_roi_heads_module
-
-from ovd.utils.io import atomic_open
 
 # ------------------------------------------------------------------------------------------------
 # One vocabulary size
@@ -59,10 +56,10 @@ from ovd.utils.io import atomic_open
 
 
 def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, Any]:
-    t_start = time.perf_counter()
+    clock = Stopwatch()
     ours, tv, info = build_pair(num_classes, args)
     counts = class_image_counts(num_classes, args.seed)
-    log(f"[C={num_classes}] built both models in {time.perf_counter() - t_start:.1f} s")
+    log(f"[C={num_classes}] built both models in {clock.elapsed():.1f} s")
     res: dict[str, Any] = {"info": info}
     rh_o, rh_t = ours.roi_heads, tv.roi_heads
     parts = lambda fns: per_call(fns, args.part_repeats, args.part_round_s)  # noqa: E731
@@ -137,7 +134,7 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
     res["head_infer"] = parts({OURS: head_o, TV: head_t})
     res["head_post"] = parts({OURS: head_post_o, TV: head_post_t})
     res["num_rois_test"] = int(x.shape[0])
-    log(f"[C={num_classes}] inference parts done ({time.perf_counter() - t_start:.0f} s)")
+    log(f"[C={num_classes}] inference parts done ({clock.elapsed():.0f} s)")
 
     # ================= training, batch --train-batch =================
     ours.train()
@@ -219,7 +216,7 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
 
     res["head_train"] = parts({OURS: head_train_o, TV: head_train_t})
     res["num_rois_train"] = int(xt.shape[0])
-    log(f"[C={num_classes}] training parts done ({time.perf_counter() - t_start:.0f} s)")
+    log(f"[C={num_classes}] training parts done ({clock.elapsed():.0f} s)")
 
     # overhead estimated from the differing parts alone (everything else is the same computation on
     # the same shapes): Σ (ours − torchvision) / torchvision's end-to-end time
@@ -241,7 +238,7 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
         im_o, im_t, _, _ = make_inputs(1, args, num_classes, counts, args.seed + 1)
         res["profile"]["inference, ours"] = profile_table(infer_fn(ours, im_o), args.profile_rows)
         res["profile"]["inference, torchvision"] = profile_table(infer_fn(tv, im_t), args.profile_rows)
-    res["seconds"] = time.perf_counter() - t_start
+    res["seconds"] = clock.elapsed()
     return res
 
 
@@ -298,15 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    results = {c: bench_classes(c, args, log) for c in args.classes}
-    load1 = os.getloadavg()[0]
-    text = report(args, sys.argv[1:] if argv is None else argv, results, time.perf_counter() - t0, (load0, load1))
-    print(text, end="")
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(text)
+    load0 = load_average()
+    with Stopwatch() as whole:
+        results = {c: bench_classes(c, args, log) for c in args.classes}
+    lines = report(args, sys.argv[1:] if argv is None else argv, results, whole.s, (load0, load_average()))
+    emit_report(lines, args.output)
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torchvision
-from timing import OURS, TV  # benchmarks/timing.py
+from timing import OURS, TV, Stopwatch  # benchmarks/timing.py
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
@@ -333,8 +333,7 @@ def stage_times(run: Callable[[], Any], stages: dict[str, nn.Module]) -> dict[st
     for name, mod in stages.items():
         pairs.append((mod, "pre", lambda *a, n=name: start.__setitem__(n, time.perf_counter())))
         pairs.append((mod, "post", lambda *a, n=name: acc.__setitem__(n, acc[n] + time.perf_counter() - start[n])))
-    with hooks(pairs):
-        t0 = time.perf_counter()
+    with hooks(pairs), Stopwatch() as whole:
         run()
-        acc["total"] = time.perf_counter() - t0
+    acc["total"] = whole.s
     return acc

@@ -40,7 +40,7 @@ def load_average() -> str:
 def describe(threads: int | None = None, *, gpu: bool = False, load: bool = False) -> str:
     """``"N CPUs available (nproc), <CPU model>; torch.set_num_threads(T); Python x, torch y, torchvision z"``.
 
-    ``threads`` defaults to torch's current setting; ``gpu`` adds the CUDA device's name (when there is one);
+    ``threads`` defaults to torch's current setting; ``gpu`` adds the CUDA device's name (or "no GPU");
     ``load`` adds :func:`load_average`.
     """
     import torch
@@ -51,8 +51,8 @@ def describe(threads: int | None = None, *, gpu: bool = False, load: bool = Fals
         f"{len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}; torch.set_num_threads({threads}); "
         f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
     )
-    if gpu and torch.cuda.is_available():
-        text += f"; GPU {torch.cuda.get_device_name()}"
+    if gpu:
+        text += f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "; no GPU"
     if load:
         text += f"; {load_average()}"
     return text

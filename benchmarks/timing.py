@@ -18,10 +18,13 @@ OURS, TV = "ours", "torchvision"  # the two sides of a paired comparison
 
 
 class Stopwatch:
-    """``with Stopwatch() as w: ...`` then ``w.s`` (wall seconds); ``w.elapsed()`` while it runs."""
+    """Wall-clock seconds: ``with Stopwatch() as w: ...`` then ``w.s``; or ``w = Stopwatch()`` then ``w.elapsed()``."""
+
+    def __init__(self) -> None:
+        self.s = 0.0
+        self.start = time.perf_counter()
 
     def __enter__(self) -> Stopwatch:
-        self.s = 0.0
         self.start = time.perf_counter()
         return self
 
