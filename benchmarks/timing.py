@@ -18,18 +18,19 @@ OURS, TV = "ours", "torchvision"  # the two sides of a paired comparison
 
 
 class Stopwatch:
-    """Wall-clock seconds: ``with Stopwatch() as w: ...`` then ``w.s``; or ``w = Stopwatch()`` then ``w.elapsed()``."""
+    """Wall-clock seconds: ``with Stopwatch() as w: ...`` then ``w.s`` (and ``w.cpu``, process CPU seconds of
+    all threads); or ``w = Stopwatch()`` then ``w.elapsed()``."""
 
     def __init__(self) -> None:
-        self.s = 0.0
-        self.start = time.perf_counter()
+        self.s = self.cpu = 0.0
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.s = self.elapsed()
+        self.s, self.cpu = self.elapsed(), time.process_time() - self.cpu_start
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
