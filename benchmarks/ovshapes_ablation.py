@@ -58,13 +58,13 @@ def run_seeds(
                    *(["--rerun-changed"] if rerun_changed else []), f"seed={seed}", *overrides]  # fmt: skip
             log = open(out / "pipeline.log", "w")  # noqa: SIM115 (closed when the process ends)
             running[seed] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log,
-                             time.perf_counter())  # fmt: skip
-        for seed, (proc, log, t0) in list(running.items()):
+                             Stopwatch())  # fmt: skip
+        for seed, (proc, log, clock) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 if proc.returncode != 0:
                     raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {root}/seed{seed}/pipeline.log")
-                walls[seed] = time.perf_counter() - t0
+                walls[seed] = clock.elapsed()
                 del running[seed]
         time.sleep(2)
     return walls
