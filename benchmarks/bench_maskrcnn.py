@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from detector_pair import (  # benchmarks/detector_pair.py (scripts run from this folder's path)
     EMBED_DIM,
+    add_run_args,
     class_image_counts,
     hooks,
     make_inputs,
     ours_overrides,
     shared_weights,
+    start,
     torchvision_kwargs,
     train_step_fn,
 )
@@ -305,17 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fed-loss-from", type=int, default=1000, help="see bench_model.py (LVIS recipe from C)")
     parser.add_argument("--lr", type=float, default=1e-6, help="SGD learning rate of the timed steps")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, embeddings and inputs")
-    parser.add_argument("--output", default=None, help="also write the markdown report to this file")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_run_args(parser)
     args = parser.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
+    log = start(args)
 
     load0 = load_average()
     res = run(args, log)

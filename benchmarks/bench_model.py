@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from detector_pair import (  # benchmarks/detector_pair.py
+    add_run_args,
     build_pair,
     calibrate,
     class_image_counts,
@@ -42,6 +43,7 @@ from detector_pair import (  # benchmarks/detector_pair.py
     infer_fn,
     make_inputs,
     profile_table,
+    start,
     train_step_fn,
 )
 from machine import emit_report, load_average  # benchmarks/machine.py
@@ -283,17 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.profiler tables for one run of each model; auto = only when a goal is missed",
     )
     parser.add_argument("--profile-rows", type=int, default=20, help="ops per profiler table")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, embeddings and inputs")
-    parser.add_argument("--output", default=None, help="also write the markdown report to this file")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_run_args(parser)
     args = parser.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
+    log = start(args)
 
     load0 = load_average()
     with Stopwatch() as whole:

@@ -7,6 +7,7 @@ times, profiler tables). Used by bench_model.py and bench_maskrcnn.py.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -34,6 +35,25 @@ EMBED_DIM = 512
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The flags both paired detector benchmarks share: ``--seed``, ``--output``, ``--quiet``."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, embeddings and inputs")
+    parser.add_argument("--output", default=None, help="also write the markdown report to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def start(args: argparse.Namespace) -> Callable[[str], None]:
+    """Set torch's threads (``--threads``) and seed; returns the progress logger (stderr unless ``--quiet``)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log
 
 
 def ours_overrides(num_classes: int, args: argparse.Namespace) -> list[str]:
