@@ -1,6 +1,6 @@
 """CPU inference of a converted detectron2 R50-C4 (ovd.compat.detectron2 preset) against ovd's own R50-C4.
 
-    cd benchmarks && python bench_detectron2.py --repeats 5 --threads 2 --output results/detectron2_c4.md
+    python benchmarks/bench_detectron2.py --repeats 5 --threads 2 --output results/detectron2_c4.md
 
 Both models get the same weights and vocabulary (the two architectures have the same parameters): the
 informative random detectron2 model of the parity tests (tests/compat/data, converted by
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import skimage.data
 import torch
 import torch.nn.functional as F
-from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import timed_interleaved
 
 from ovd.compat.detectron2 import PRESETS, convert_state_dict, preset_config
 from ovd.config import load_config
@@ -63,31 +63,19 @@ def main() -> None:
         model.load_state_dict(ckpt["model"])
     photo = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float()[None]
     image = F.interpolate(photo, size=tuple(args.size), mode="bilinear").round().clamp(0, 255).byte()[0]
-    times: dict[str, list[float]] = {name: [] for name in built}
-    counts: dict[str, int] = {}
     with torch.no_grad():
-        for name, model in built.items():  # warm-up
-            counts[name] = len(model([image])[0])
-        for _ in range(args.repeats):
-            for name, model in built.items():
-                start = time.perf_counter()
-                model([image])
-                times[name].append(time.perf_counter() - start)
+        counts = {name: len(model([image])[0]) for name, model in built.items()}  # warm-up
+        times, _ = timed_interleaved({name: partial(model, [image]) for name, model in built.items()}, 0, args.repeats)
     base = statistics.median(times[next(iter(times))])
-    lines = [
-        f"Command: `python bench_detectron2.py --repeats {args.repeats} --threads {args.threads}"
-        f"{' --output ' + args.output if args.output else ''}`",
-        "",
-        f"Machine: {cpu_model()}, {args.threads} torch threads, torch {torch.__version__}, Python "
-        f"{platform.python_version()}; image {args.size[0]}x{args.size[1]}, 1000 proposals per image, the same "
-        f"weights in both; medians of {args.repeats} interleaved calls after one warm-up.",
-        "",
-        "| model | median (s) | min (s) | max (s) | / ovd R50-C4 | detections |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    details = (
+        f"Image {args.size[0]}x{args.size[1]}, 1000 proposals per image, the same weights in both; medians of "
+        f"{args.repeats} interleaved calls after one warm-up."
+    )
+    lines = header("", details, threads=args.threads)
+    lines += table_header(["model", "median (s)", "min (s)", "max (s)", "/ ovd R50-C4", "detections"], "lrrrrr")
     for name, t in times.items():
         med = statistics.median(t)
-        lines.append(f"| {name} | {med:.2f} | {min(t):.2f} | {max(t):.2f} | **{med / base:.3f}x** | {counts[name]} |")
+        lines.append(row(name, f"{med:.2f}", f"{min(t):.2f}", f"{max(t):.2f}", f"**{med / base:.3f}x**", counts[name]))
     emit_report(lines, args.output)
 
 

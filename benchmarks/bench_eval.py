@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
-import platform
-import shlex
 import sys
-import time
 from typing import Any
 
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import Stopwatch
 
 from ovd.evaluation.coco_ovd import evaluate_ovd
-from ovd.utils.io import atomic_open
 
 # COCO's 80 category ids (1..90 with gaps) and the OV-COCO split, METHOD §6.1.
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
@@ -126,24 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     args = parser.parse_args(argv)
 
-    t0 = time.perf_counter()
-    gt, dets = make_data(args.num_images, args.seed, tuple(args.gt_per_image), tuple(args.dets_per_image))
-    gen_s = time.perf_counter() - t0
+    with Stopwatch() as gen:
+        gt, dets = make_data(args.num_images, args.seed, tuple(args.gt_per_image), tuple(args.dets_per_image))
     split = dict(base_category_ids=BASE_IDS, novel_category_ids=NOVEL_IDS)
 
     times: dict[str, list[float]] = {"faster": [], "pycocotools": []}
     results: dict[str, dict[str, Any]] = {}
     for _ in range(args.repeats):
         for backend in times:  # alternate, so neither backend always runs on a warmer machine
-            t0 = time.perf_counter()
-            results[backend] = evaluate_ovd(gt, dets, backend=backend, **split)
-            times[backend].append(time.perf_counter() - t0)
+            with Stopwatch() as w:
+                results[backend] = evaluate_ovd(gt, dets, backend=backend, **split)
+            times[backend].append(w.s)
     best = {b: min(t) for b, t in times.items()}
     diff = max_difference(results["faster"], results["pycocotools"])
     same = diff <= TOL
 
-    argv_shown = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/bench_eval.py", *argv_shown])
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("numpy", "pycocotools", "faster-coco-eval"))
     ratio = best["pycocotools"] / best["faster"]
     ref = results["pycocotools"]
@@ -157,39 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         verdict = f"identical within {TOL:g} (pycocotools divides by tp + fp + eps, faster-coco-eval by tp + fp)"
     else:
         verdict = f"**DIFFERENT** (tolerance {TOL:g})"
-    lines = [
-        "## OV-COCO evaluation: faster-coco-eval vs pycocotools",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}; "
-        f"Python {platform.python_version()}; {versions}.",
-        f"- Data (seed {args.seed}, generated in {gen_s:.1f} s): {ref['num_images']} images, 80 categories "
+    details = [
+        f"- Versions: {versions}.",
+        f"- Data (seed {args.seed}, generated in {gen.s:.1f} s): {ref['num_images']} images, 80 categories "
         f"({len(BASE_IDS)} base, {len(NOVEL_IDS)} novel, {len(EXCLUDED_IDS)} without GT), "
         f"{len(gt['annotations'])} GT boxes, {ref['num_detections']} detections "
         f"({ref['num_detections'] / ref['num_images']:.1f} per image), max_dets {ref['max_dets']}.",
         f"- Timed: one `evaluate_ovd` call (input checks + COCO evaluation), best of {args.repeats}, "
         "both backends on the same data in the same process.",
-        "",
-        "| backend | time (s) | AP50_novel | AP50_base | AP50_all | AP | AP75 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    lines = header("OV-COCO evaluation: faster-coco-eval vs pycocotools", "\n".join(details), argv=argv, level=2)
+    lines += table_header(["backend", "time (s)", "AP50_novel", "AP50_base", "AP50_all", "AP", "AP75"], "lrrrrrr")
     for backend, m in results.items():
-        lines.append(
-            f"| {backend} | {best[backend]:.2f} | {fmt(m['AP50_novel'])} | {fmt(m['AP50_base'])} "
-            f"| {fmt(m['AP50_all'])} | {fmt(m['AP'])} | {fmt(m['AP75'])} |"
-        )
+        metrics = (fmt(m[k]) for k in ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP75"))
+        lines.append(row(backend, f"{best[backend]:.2f}", *metrics))
     lines += [
         "",
         f"- Speed-up: **{ratio:.1f}×** (pycocotools / faster; goal ≥ 3×: {'met' if ratio >= 3 else 'NOT met'}).",
         f"- Agreement: max |difference| over {len(KEYS)} summary numbers and per-class AP50/AP of "
         f"{len(ref['per_class'])} classes = {diff:.1e} percent points: {verdict}.",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report, end="")
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(report)
+    emit_report(lines, args.output)
     return 0 if same else 1
 
 

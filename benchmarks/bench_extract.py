@@ -24,17 +24,16 @@ import json
 import logging
 import os
 import pickle
-import platform
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import Stopwatch, sample
 
 from ovd.clip import create_clip
 from ovd.distill import FileProposals, RegionStore, extract_region_embeddings, write_region_store
@@ -74,7 +73,7 @@ def naive_loop(clip, records, store: RegionStore, budget_s: float) -> tuple[int,
 
     warm = Image.open(records[0].file_name).convert("RGB").crop((0, 0, 32, 32))
     clip.model.encode_image(clip.preprocess(warm).unsqueeze(0).to(clip.device)).cpu()  # warm-up
-    start, n, embs = time.perf_counter(), 0, []
+    clock, n, embs = Stopwatch(), 0, []
     for rec in records:
         boxes, _ = store.lookup(rec.image_id)
         image = Image.open(rec.file_name).convert("RGB")
@@ -83,21 +82,21 @@ def naive_loop(clip, records, store: RegionStore, budget_s: float) -> tuple[int,
             x = clip.preprocess(crop).unsqueeze(0).to(clip.device)
             embs.append(clip.model.encode_image(x).float().cpu().numpy()[0])
             n += 1
-        if time.perf_counter() - start > budget_s:
+        if clock.elapsed() > budget_s:
             break
-    return n, time.perf_counter() - start, embs
+    return n, clock.elapsed(), embs
 
 
 @torch.no_grad()
 def forward_only(clip, crops: torch.Tensor, batch_size: int) -> float:
     crops = crops.to(clip.device)
     clip.encode_images(crops[:batch_size])  # warm-up
-    _sync(clip.device)
-    start = time.perf_counter()
-    for i in range(0, len(crops), batch_size):
-        clip.encode_images(crops[i : i + batch_size])
-    _sync(clip.device)
-    return time.perf_counter() - start
+
+    def run() -> None:
+        for i in range(0, len(crops), batch_size):
+            clip.encode_images(crops[i : i + batch_size])
+
+    return sample(run, 1, sync=lambda: _sync(clip.device))[0]
 
 
 def _sync(device: torch.device) -> None:
@@ -120,13 +119,14 @@ def crop_kernels_only(clip, records, store: RegionStore, args, dtype: torch.dtyp
         batch = torch.from_numpy(pad_stack(images)).to(clip.device)
         tasks.append((batch, [crop_rects(store.lookup(r.image_id)[0], r.height, r.width) for r in recs]))
     batched_crop_resize(tasks[0][0], tasks[0][1], prep, bgr=True, dtype=dtype)  # warm-up
-    _sync(clip.device)
-    start = time.perf_counter()
-    for batch, rects in tasks:
-        batched_crop_resize(batch, rects, prep, bgr=True, dtype=dtype)
-    _sync(clip.device)
+
+    def run() -> None:
+        for batch, rects in tasks:
+            batched_crop_resize(batch, rects, prep, bgr=True, dtype=dtype)
+
+    seconds = sample(run, 1, sync=lambda: _sync(clip.device))[0]
     regions = sum(len(r) for _, rects in tasks for r in rects)
-    return (time.perf_counter() - start) * store.metadata["num_regions"] / regions
+    return seconds * store.metadata["num_regions"] / regions
 
 
 def preprocessed_crops(clip, records, store: RegionStore, limit: int) -> torch.Tensor:
@@ -151,13 +151,13 @@ def bench_model(name, records, props, work: Path, args) -> list[dict]:
         resize, *opts = backend.split(":")  # e.g. batched:queue, batched:float32
         out = work / f"store_{name}_{backend.replace(':', '_')}"
         shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        extract_region_embeddings(
-            records, source, clip, out, batch_size=args.batch_size, num_workers=args.workers,
-            chunk_size=args.chunk_size, progress=False, resize_backend=resize, host_ring="queue" not in opts,
-            crop_dtype=next((o for o in opts if o.startswith("float")), "auto"),
-        )  # fmt: skip
-        ours[backend] = (time.perf_counter() - start, RegionStore.open(out))
+        with Stopwatch() as w:
+            extract_region_embeddings(
+                records, source, clip, out, batch_size=args.batch_size, num_workers=args.workers,
+                chunk_size=args.chunk_size, progress=False, resize_backend=resize, host_ring="queue" not in opts,
+                crop_dtype=next((o for o in opts if o.startswith("float")), "auto"),
+            )  # fmt: skip
+        ours[backend] = (w.s, RegionStore.open(out))
     store = ours[args.backends[0]][1]
     regions = store.metadata["num_regions"]
     n_naive, naive_s, naive_embs = naive_loop(clip, records, store, args.naive_budget)
@@ -203,35 +203,33 @@ def bench_store(work: Path, n: int, k: int = 5, d: int = 512, batch: int = 8, lo
     path = write_region_store(work / "store_synth", image_ids=ids, boxes=boxes, embeddings=emb, valid=valid,
                               metadata={"dataset": "synthetic"})  # fmt: skip
     size = sum(f.stat().st_size for f in path.iterdir())
-    t = time.perf_counter()
-    store = RegionStore.open(path)
-    open_ms = (time.perf_counter() - t) * 1e3
-    times = []
-    for _ in range(lookups):
-        chosen = rng.choice(ids, batch, replace=False)
-        t = time.perf_counter()
-        for i in chosen:
+    with Stopwatch() as w:
+        store = RegionStore.open(path)
+    open_ms = w.s * 1e3
+
+    def read_batch() -> None:
+        for i in rng.choice(ids, batch, replace=False):
             store.lookup(int(i))
-        times.append(time.perf_counter() - t)
+
+    times = sample(read_batch, lookups)
     # the reference: one pickle per image, a score-sorted list of (int box list, FloatTensor[1, 512])
     pk = work / "pickles"
     pk.mkdir(exist_ok=True)
     n_pk = min(n, 1000)
-    for row in range(n_pk):
-        entry = [(boxes[row, j].astype(int).tolist(), torch.from_numpy(emb[row, j][None].copy())) for j in range(k)]
-        with open(pk / f"{ids[row]:012d}.pkl", "wb") as f:
+    for m in range(n_pk):
+        entry = [(boxes[m, j].astype(int).tolist(), torch.from_numpy(emb[m, j][None].copy())) for j in range(k)]
+        with open(pk / f"{ids[m]:012d}.pkl", "wb") as f:
             pickle.dump(entry, f)
     files = sorted(pk.iterdir())
     pk_bytes = statistics.mean(f.stat().st_size for f in files)
     pk_disk = statistics.mean(f.stat().st_blocks * 512 for f in files)
-    pk_times = []
-    for _ in range(lookups // 4):
-        chosen = rng.choice(len(files), batch, replace=False)
-        t = time.perf_counter()
-        for i in chosen:
+
+    def read_pickles() -> None:
+        for i in rng.choice(len(files), batch, replace=False):
             with open(files[i], "rb") as f:
                 pickle.load(f)
-        pk_times.append(time.perf_counter() - t)
+
+    pk_times = sample(read_pickles, lookups // 4)
     return {
         "n": n, "k": k, "d": d, "batch": batch, "bytes_per_image": size / n, "open_ms": open_ms,
         "read_ms": statistics.median(times) * 1e3, "read_p99_ms": float(np.percentile(times, 99)) * 1e3,
@@ -240,19 +238,9 @@ def bench_store(work: Path, n: int, k: int = 5, d: int = 512, batch: int = 8, lo
     }  # fmt: skip
 
 
-def report(args, rows, store, gen_s, total_s) -> str:
-    cpu = cpu_model()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    load = os.getloadavg()
-    lines = [
-        "## RKD region-embedding extraction: throughput, store size, read latency",
-        "",
-        f"Command: `python benchmarks/bench_extract.py {' '.join(args.argv)}`",
-        "",
-        f"- Machine: {os.cpu_count()} CPUs ({cpu}){gpu}, CLIP on {args.device}, torch {torch.__version__} "
-        f"with {args.threads} thread(s), "
-        f"Python {platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(the machine is shared).",
+def report(args, rows, store, gen_s, total_s) -> list[str]:
+    details = [
+        f"- CLIP on {args.device} (load average at the end of the run: the machine is shared).",
         f"- Data: synthetic 640x480 JPEGs (generated in {gen_s:.1f} s), 5 random boxes per image, NMS 0.5, K=5; "
         f"CLIP batch {args.batch_size}, {args.workers} DataLoader workers, chunk {args.chunk_size}.",
         "- ovd = `extract_region_embeddings` end to end (decode, crop, encode, part files, merge); resize "
@@ -265,37 +253,47 @@ def report(args, rows, store, gen_s, total_s) -> str:
         "(b+c) = the device-side bound of the batched backend, 1 / (1/b + 1/c). "
         "`batched float16/float32`: the dtype of its matrix products; "
         "`(queue)`: images through the DataLoader's queue instead of the shared decode buffers.",
-        "",
-        "| CLIP | ovd resize | images | regions | ovd (regions/s) | (a) naive (regions/s) "
-        "| (b) forward only (regions/s) | (c) crop kernels | ovd / (a) | ovd / (b) | ovd / (b+c) | min cos(ovd, a) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    title = "RKD region-embedding extraction: throughput, store size, read latency"
+    lines = header(title, "\n".join(details), argv=args.argv, threads=args.threads, gpu=True, load=True, level=2)
+    columns = ["CLIP", "ovd resize", "images", "regions", "ovd (regions/s)", "(a) naive (regions/s)"]
+    columns += ["(b) forward only (regions/s)", "(c) crop kernels", "ovd / (a)", "ovd / (b)", "ovd / (b+c)"]
+    lines += table_header([*columns, "min cos(ovd, a)"], "llrrrrrrrrrr")
     for r in rows:
         c = r["crop_kernels"]
         both = f"{100 * r['ours'] * (1 / r['forward'] + 1 / c):.0f} %" if c else "-"
-        lines.append(
-            f"| {r['model']} | {r['backend']} | {r['images']} | {r['regions']} | {r['ours']:.1f} | {r['naive']:.1f} "
-            f"(on {r['naive_regions']}) | {r['forward']:.1f} (on {r['forward_regions']}) | "
-            f"{f'{c:.0f}' if c else '-'} | **{r['ours'] / r['naive']:.1f}x** | "
-            f"**{100 * r['ours'] / r['forward']:.0f} %** | {both} | {r['min_cos']:.4f} |"
-        )
+        lines.append(row(r["model"], r["backend"], r["images"], r["regions"], f"{r['ours']:.1f}",
+                         f"{r['naive']:.1f} (on {r['naive_regions']})",
+                         f"{r['forward']:.1f} (on {r['forward_regions']})",
+                         f"{c:.0f}" if c else "-", f"**{r['ours'] / r['naive']:.1f}x**",
+                         f"**{100 * r['ours'] / r['forward']:.0f} %**", both, f"{r['min_cos']:.4f}"))  # fmt: skip
     s = store
     lines += [
         "",
         f"Store: {s['n']} images, K={s['k']}, D={s['d']}; one training batch = {s['batch']} random images "
         f"(`lookup` each), median over 2000 batches (pickles: 500 batches from 1000 files; page cache warm for both).",
         "",
-        "| format | bytes / image | on disk / image | read one batch, median (ms) | p99 (ms) |",
-        "|---|---:|---:|---:|---:|",
-        f"| ovd store (.npy, fp16, mmap) | {s['bytes_per_image']:.0f} | {s['bytes_per_image']:.0f} | "
-        f"{s['read_ms']:.3f} | {s['read_p99_ms']:.3f} |",
-        f"| reference (one .pkl per image, torch fp32) | {s['pickle_bytes']:.0f} | {s['pickle_disk']:.0f} | "
-        f"{s['pickle_read_ms']:.3f} | {s['pickle_p99_ms']:.3f} |",
+        *table_header(
+            ["format", "bytes / image", "on disk / image", "read one batch, median (ms)", "p99 (ms)"], "lrrrr"
+        ),
+        row(
+            "ovd store (.npy, fp16, mmap)",
+            f"{s['bytes_per_image']:.0f}",
+            f"{s['bytes_per_image']:.0f}",
+            f"{s['read_ms']:.3f}",
+            f"{s['read_p99_ms']:.3f}",
+        ),
+        row(
+            "reference (one .pkl per image, torch fp32)",
+            f"{s['pickle_bytes']:.0f}",
+            f"{s['pickle_disk']:.0f}",
+            f"{s['pickle_read_ms']:.3f}",
+            f"{s['pickle_p99_ms']:.3f}",
+        ),
         "",
         f"Opening the store (mmap + id index): {s['open_ms']:.1f} ms. Whole benchmark: {total_s:.0f} s.",
-        "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,25 +324,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("ovd.distill.extract").setLevel(logging.INFO)  # waiting time, decode buffers
     torch.set_num_threads(args.threads)
-    total = time.perf_counter()
+    total = Stopwatch()
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         work = Path(tmp)
-        t = time.perf_counter()
-        n_max = max(args.tiny_images if "ovd-tiny" in args.models else 0, args.vit_images)
-        records, props = make_images(work, n_max, 640, 480, seed=0, unique=args.unique_images)
-        gen_s = time.perf_counter() - t
+        with Stopwatch() as gen:
+            n_max = max(args.tiny_images if "ovd-tiny" in args.models else 0, args.vit_images)
+            records, props = make_images(work, n_max, 640, 480, seed=0, unique=args.unique_images)
         rows = []
         for name in args.models:
             n = args.tiny_images if name == "ovd-tiny" else args.vit_images
-            for row in bench_model(name, records[:n], props, work, args):
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for r in bench_model(name, records[:n], props, work, args):
+                rows.append(r)
+                print(json.dumps(r), flush=True)
         store = bench_store(work, args.store_images)
         print(json.dumps(store), flush=True)
-    text = report(args, rows, store, gen_s, time.perf_counter() - total)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    emit_report(report(args, rows, store, gen.s, total.elapsed()), args.output)
 
 
 if __name__ == "__main__":

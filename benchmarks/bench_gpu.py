@@ -10,25 +10,17 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 
 import torch
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import sample
 
 from ovd.config import load_config
 from ovd.modeling.build import build_model
 
 
 def _time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(sample(fn, repeats, warmup, sync=torch.cuda.synchronize))
 
 
 def _train_step(model, opt, scaler, images, targets, amp: bool) -> None:
@@ -56,14 +48,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="images per training step (reference: 2 per GPU)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations")
     parser.add_argument("--repeats", type=int, default=20, help="timed iterations")
+    parser.add_argument("--output", default="", help="markdown report path (printed too)")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
     h, w = args.size
-    print(
-        f"| backbone | classes | mode | train step (ms, batch {args.batch}) | inference (ms, 1 image) | peak mem (GB) |"
-    )
-    print("|---|---:|---|---:|---:|---:|")
+    details = f"Medians over {args.repeats} iterations after {args.warmup} untimed ones; random weights and inputs."
+    lines = header("", details, gpu=True)
+    columns = ["backbone", "classes", "mode", f"train step (ms, batch {args.batch})", "inference (ms, 1 image)"]
+    lines += table_header([*columns, "peak mem (GB)"], "lrlrrr")
     for c in args.classes:
         overrides = [f"model.backbone.name={args.backbone}"]
         if args.backbone.endswith("fpn"):
@@ -94,7 +87,8 @@ def main() -> None:
             t_infer = _time(infer, args.warmup, args.repeats)
             mem = torch.cuda.max_memory_allocated() / 1e9
             mode = "AMP fp16" if amp else "fp32"
-            print(f"| {args.backbone} | {c} | {mode} | {t_train * 1e3:.1f} | {t_infer * 1e3:.1f} | {mem:.1f} |")
+            lines.append(row(args.backbone, c, mode, f"{t_train * 1e3:.1f}", f"{t_infer * 1e3:.1f}", f"{mem:.1f}"))
+    emit_report(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,18 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import Stopwatch
 
-from ovd.utils.io import atomic_open
+from ovd.utils.io import write_json
 
 IMAGE_W, IMAGE_H = 640, 480
 FREQUENCY_COUNTS = {"r": 337, "c": 461, "f": 405}  # LVIS v1
@@ -41,6 +39,7 @@ CLASS_WEIGHT = {"r": 0.5, "c": 3.0, "f": 20.0}  # relative chance of a class app
 DETS_PER_IMAGE = 300
 TOL = 1e-9  # percent points
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+SEGM = ("AP", "APr", "APc", "APf")  # the mask columns of the table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +218,7 @@ def worker_ours(folder: Path) -> dict[str, Any]:
 
     from ovd.evaluation.lvis_eval import LVISDetections, evaluate_lvis
 
-    t0 = time.perf_counter()
+    load = Stopwatch()
     data = np.load(folder / "dets.npz")
     blob, offsets = data["mask_blob"], data["mask_offsets"]
     masks = [blob[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
@@ -234,14 +233,14 @@ def worker_ours(folder: Path) -> dict[str, Any]:
     )
     del data
     gc.collect()
-    load_s = time.perf_counter() - t0
+    load_s = load.elapsed()
     input_rss = _status_gb("VmRSS")
     _reset_peak()
-    t0, c0 = time.perf_counter(), time.process_time()
-    metrics = evaluate_lvis(folder / "gt.json", dets, ("bbox", "segm"))
+    with Stopwatch() as w:
+        metrics = evaluate_lvis(folder / "gt.json", dets, ("bbox", "segm"))
     return {
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
+        "seconds": w.s,
+        "cpu_seconds": w.cpu,
         "load_seconds": load_s,
         "input_rss_gb": input_rss,
         "eval_peak_rss_gb": _status_gb("VmHWM"),
@@ -265,27 +264,27 @@ def worker_lvis_api(folder: Path) -> dict[str, Any]:
 
     logging.getLogger("lvis").setLevel(logging.ERROR)
     metrics: dict[str, Any] = {}
-    t0, c0 = time.perf_counter(), time.process_time()
-    for kind in ("bbox", "segm"):
-        gt = LVIS(str(folder / "gt.json"))
-        evaluator = LVISEval(gt, LVISResults(gt, str(folder / f"dets_{kind}.json"), max_dets=DETS_PER_IMAGE), kind)
-        evaluator.run()
-        metrics[kind] = {k: (None if v == -1 else float(v) * 100) for k, v in evaluator.get_results().items()}
-        del gt, evaluator
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "metrics": metrics}
+    with Stopwatch() as w:
+        for kind in ("bbox", "segm"):
+            gt = LVIS(str(folder / "gt.json"))
+            results = LVISResults(gt, str(folder / f"dets_{kind}.json"), max_dets=DETS_PER_IMAGE)
+            evaluator = LVISEval(gt, results, kind)
+            evaluator.run()
+            metrics[kind] = {k: (None if v == -1 else float(v) * 100) for k, v in evaluator.get_results().items()}
+            del gt, evaluator
+    return {"seconds": w.s, "cpu_seconds": w.cpu, "metrics": metrics}
 
 
 def run_worker(mode: str, folder: Path, timeout: float) -> dict[str, Any]:
     """Run one worker in a fresh interpreter; returns its JSON report plus wall time and peak RSS."""
     out = folder / f"{mode}.json"
     cmd = [sys.executable, __file__, "--worker", mode, "--folder", str(folder)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
+    with Stopwatch() as w:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
     report = json.loads(out.read_text())
-    report["wall_seconds"] = wall
+    report["wall_seconds"] = w.s
     return report
 
 
@@ -325,17 +324,16 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop()
         report["peak_rss_gb"] = max(_peak_rss_gb(), sampler.peak_gb)  # resident + swapped
         report["peak_swap_gb"] = sampler.peak_swap_gb
-        with atomic_open(args.folder / f"{args.worker}.json", "w") as f:
-            json.dump(report, f)
+        write_json(args.folder / f"{args.worker}.json", report, indent=None)
         return 0
 
     rows, all_same = [], True
     for size in args.sizes:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             folder = Path(tmp)
-            t0 = time.perf_counter()
-            counts = generate(size, args.seed, folder, with_json=size in args.api_sizes)
-            gen_s = time.perf_counter() - t0
+            with Stopwatch() as gen:
+                counts = generate(size, args.seed, folder, with_json=size in args.api_sizes)
+            gen_s = gen.s
             print(f"{size} images: generated in {gen_s:.0f} s: {counts}", file=sys.stderr)
             ours = run_worker("ours", folder, args.timeout)
             print(f"  ours: {ours['seconds']:.1f} s, peak {ours['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
@@ -346,21 +344,14 @@ def main(argv: list[str] | None = None) -> int:
             all_same &= diff is None or diff <= TOL
             rows.append((size, counts, gen_s, ours, ref, diff))
 
-    argv_shown = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/bench_lvis_eval.py", *argv_shown])
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("numpy", "faster-coco-eval", "lvis"))
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    lines = [
-        "## LVIS evaluation (boxes + masks): ovd (faster-coco-eval, chunked) vs lvis-api",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available (nproc), {cpu_model()}, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; Python "
-        f"{platform.python_version()}; {versions}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
+    details = [
+        f"- Memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; {versions}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
         f"- Data (seed {args.seed}): 640×480 images, 1203 classes (337 r / 461 c / 405 f), "
         f"{DETS_PER_IMAGE} detections per image with masks (RLE); see the script's docstring.",
         "- Each evaluator runs alone in a fresh process reading the same files; wall and CPU (process, all "
@@ -368,23 +359,21 @@ def main(argv: list[str] | None = None) -> int:
         "`ru_maxrss` and its sampled resident + swapped memory (`VmRSS + VmSwap`, every 0.2 s), its input "
         "included (ours: detections as arrays from `.npz`; lvis-api: its results JSON files). The machine is "
         "shared: wall times vary 2× between runs, CPU times less.",
-        "",
-        "| images | GT | detections | evaluator | wall (s) | CPU (s) | peak memory (GB) | of it swapped (GB) | "
-        "box AP | box APr | mask AP | mask APr | mask APc | mask APf |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    title = "LVIS evaluation (boxes + masks): ovd (faster-coco-eval, chunked) vs lvis-api"
+    lines = header(title, "\n".join(details), argv=argv, level=2)
+    columns = ["images", "GT", "detections", "evaluator", "wall (s)", "CPU (s)", "peak memory (GB)"]
+    columns += ["of it swapped (GB)", "box AP", "box APr", "mask AP", "mask APr", "mask APc", "mask APf"]
+    lines += table_header(columns, "rrrlrrrrrrrrrr")
     for size, counts, _, ours, ref, _ in rows:
         for name, r in (("ovd", ours), ("lvis-api", ref)):
             if r is None:
                 continue
             m = r["metrics"]
-            lines.append(
-                f"| {size} | {counts['gt']} | {counts['detections']} | {name} | {r['seconds']:.1f} | "
-                f"{r['cpu_seconds']:.1f} | "
-                f"{r['peak_rss_gb']:.2f} | {r.get('peak_swap_gb', 0.0):.2f} | {fmt(m['bbox']['AP'])} | "
-                f"{fmt(m['bbox']['APr'])} | {fmt(m['segm']['AP'])} | "
-                f"{fmt(m['segm']['APr'])} | {fmt(m['segm']['APc'])} | {fmt(m['segm']['APf'])} |"
-            )
+            aps = [fmt(m[kind][k]) for kind, k in (("bbox", "AP"), ("bbox", "APr"), *(("segm", k) for k in SEGM))]
+            lines.append(row(size, counts["gt"], counts["detections"], name, f"{r['seconds']:.1f}",
+                             f"{r['cpu_seconds']:.1f}", f"{r['peak_rss_gb']:.2f}",
+                             f"{r.get('peak_swap_gb', 0.0):.2f}", *aps))  # fmt: skip
     lines.append("")
     for size, _, _, ours, ref, diff in rows:
         if ref is not None:
@@ -407,11 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             f"mask) {ours['input_rss_gb']:.2f} GB; peak RSS during `evaluate_lvis` {ours['eval_peak_rss_gb']:.2f} GB "
             f"(input included; `VmHWM` reset after reading); reading the input took {ours['load_seconds']:.0f} s."
         )
-    report = "\n".join(lines) + "\n"
-    print(report, end="")
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(report)
+    emit_report(lines, args.output)
     return 0 if all_same else 1
 
 

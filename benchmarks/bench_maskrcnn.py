@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import os
-import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,16 +36,18 @@ import torch
 import torch.nn.functional as F
 from detector_pair import (  # benchmarks/detector_pair.py (scripts run from this folder's path)
     EMBED_DIM,
+    add_run_args,
     class_image_counts,
     hooks,
     make_inputs,
     ours_overrides,
     shared_weights,
+    start,
     torchvision_kwargs,
     train_step_fn,
 )
-from machine import describe
-from timing import OURS, TV, Summary, pct, timed_interleaved  # benchmarks/timing.py
+from machine import emit_report, header, load_average, row, table_header  # benchmarks/machine.py
+from timing import OURS, TV, Stopwatch, Summary, pct, timed_interleaved  # benchmarks/timing.py
 from torch import Tensor
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
@@ -58,7 +57,6 @@ from torchvision.ops import FrozenBatchNorm2d
 from ovd.config import load_config
 from ovd.modeling.build import build_model
 from ovd.modeling.detector import OpenVocabDetector
-from ovd.utils.io import atomic_open
 
 NUM_CLASSES = 1203  # LVIS v1
 GOAL = 0.20  # the issue's bound on the training-step overhead
@@ -150,14 +148,14 @@ def memory_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     ours, tv, info = build_pair(args)
     ours.train()
     tv.train()
     counts = class_image_counts(NUM_CLASSES, args.seed)
     im_o, im_t, tg_o, tg_t = make_inputs(args.train_batch, args, NUM_CLASSES, counts, args.seed + 2)
     add_masks(tg_o, tg_t, *args.size)
-    log(f"built both models in {time.perf_counter() - t0:.1f} s")
+    log(f"built both models in {clock.elapsed():.1f} s")
 
     # checks (untimed): same backbone input, same proposals; foreground RoIs in each mask branch
     cap: dict[str, Any] = {}
@@ -199,12 +197,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         OURS: mask_pred_o.in_channels * mask_pred_o.out_channels * (2 * MASK_POOLER) ** 2,
         TV: mask_pred_t.in_channels * mask_pred_t.out_channels * (2 * MASK_POOLER) ** 2,
     }
-    res["seconds"] = time.perf_counter() - t0
+    res["seconds"] = clock.elapsed()
     return res
 
 
-def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads: tuple[float, float]) -> str:
-    command = shlex.join(["python", "benchmarks/bench_maskrcnn.py", *argv])
+def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads: tuple[str, str]) -> list[str]:
+    """The report's lines; ``loads``: :func:`machine.load_average` at the start and at the end."""
     h, w = args.size
     s: Summary = res["train"]
     mib = 1024.0**2
@@ -214,14 +212,9 @@ def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads
     def secs(t: float) -> str:
         return f"{t:.2f} s"
 
-    lines = [
-        "## Open-vocabulary Mask R-CNN (1203 classes) vs torchvision Mask R-CNN (R50-FPN), CPU training step",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"- Machine: {describe(args.threads)}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f} "
-        "(shared machine: compare the paired ratios, not absolute times). "
-        f"Total run time {res['seconds'] / 60:.1f} min.",
+    details = [
+        f"- Host load: {loads[0]} at the start, {loads[1]} at the end (shared machine: compare the paired ratios, "
+        f"not absolute times). Total run time {res['seconds'] / 60:.1f} min.",
         f"- Input: batch {args.train_batch} of {h}×{w} images given at that size to both models (torchvision's "
         f"transform scale factor is 1; backbone input {res['backbone_in']} in both), {args.gt_per_image} random GT "
         "boxes per image, each with the inscribed ellipse as its mask; SGD (momentum 0.9, wd 1e-4, lr "
@@ -249,14 +242,35 @@ def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads
         "before it). Parameters ours/torchvision: "
         f"{res['info']['params'][OURS] / 1e6:.2f} M/{res['info']['params'][TV] / 1e6:.2f} M "
         f"({res['info']['trainable'][OURS] / 1e6:.2f} M/{res['info']['trainable'][TV] / 1e6:.2f} M trainable).",
-        "",
-        "| measurement | ours | torchvision | ours − tv | overhead | [min, max] | ratio of medians | CPU | goal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| **training step** (fwd + bwd + SGD), batch {args.train_batch} | {secs(s.med_ours)} | {secs(s.med_tv)} "
-        f"| {secs(s.delta)} | {pct(s.overhead)} | [{pct(s.range[0])}, {pct(s.range[1])}] | {pct(s.ratio_of_medians)} "
-        f"| {pct(s.cpu_overhead)} | ≤ {GOAL * 100:.0f} %: {met} |",
-        f"| peak RSS rise of a step | {mem_o / mib:.0f} MiB | {mem_t / mib:.0f} MiB | {(mem_o - mem_t) / mib:+.0f} MiB "
-        f"| {pct(mem_o / mem_t - 1)} | | | | |",
+    ]
+    title = "Open-vocabulary Mask R-CNN (1203 classes) vs torchvision Mask R-CNN (R50-FPN), CPU training step"
+    lines = header(title, "\n".join(details), argv=argv, threads=args.threads, level=2)
+    columns = ["measurement", "ours", "torchvision", "ours − tv", "overhead", "[min, max]", "ratio of medians"]
+    lines += table_header([*columns, "CPU", "goal"], "lrrrrrrrl")
+    spread = f"[{pct(s.range[0])}, {pct(s.range[1])}]"
+    lines += [
+        row(
+            f"**training step** (fwd + bwd + SGD), batch {args.train_batch}",
+            secs(s.med_ours),
+            secs(s.med_tv),
+            secs(s.delta),
+            pct(s.overhead),
+            spread,
+            pct(s.ratio_of_medians),
+            pct(s.cpu_overhead),
+            f"≤ {GOAL * 100:.0f} %: {met}",
+        ),
+        row(
+            "peak RSS rise of a step",
+            f"{mem_o / mib:.0f} MiB",
+            f"{mem_t / mib:.0f} MiB",
+            f"{(mem_o - mem_t) / mib:+.0f} MiB",
+            pct(mem_o / mem_t - 1),
+            "",
+            "",
+            "",
+            "",
+        ),
         "",
         f"Per-round step times (s): ours {[round(t, 2) for t in s.ours]}, torchvision {[round(t, 2) for t in s.tv]}; "
         f"peak RSS rises (MiB): ours {[round(m / mib) for m in res['mem_all'][OURS]]}, torchvision "
@@ -274,7 +288,7 @@ def report(args: argparse.Namespace, argv: list[str], res: dict[str, Any], loads
         f"- Image size {h}×{w} keeps the run to a few minutes on 2 shared cores; at the recipe's sizes the shared "
         "backbone grows with the image area while both heads do not.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,26 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fed-loss-from", type=int, default=1000, help="see bench_model.py (LVIS recipe from C)")
     parser.add_argument("--lr", type=float, default=1e-6, help="SGD learning rate of the timed steps")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, embeddings and inputs")
-    parser.add_argument("--output", default=None, help="also write the markdown report to this file")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_run_args(parser)
     args = parser.parse_args(argv)
+    log = start(args)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    load0 = os.getloadavg()[0]
+    load0 = load_average()
     res = run(args, log)
-    load1 = os.getloadavg()[0]
-    text = report(args, sys.argv[1:] if argv is None else argv, res, (load0, load1))
-    print(text, end="")
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(text)
+    emit_report(report(args, sys.argv[1:] if argv is None else argv, res, (load0, load_average())), args.output)
     return 0
 
 

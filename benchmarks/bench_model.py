@@ -30,13 +30,12 @@ loss, L1 vs smooth-L1 on ≤ 256 anchors per image, is left out as negligible).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from typing import Any
 
 import torch
 from detector_pair import (  # benchmarks/detector_pair.py
+    add_run_args,
     build_pair,
     calibrate,
     class_image_counts,
@@ -44,14 +43,14 @@ from detector_pair import (  # benchmarks/detector_pair.py
     infer_fn,
     make_inputs,
     profile_table,
+    start,
     train_step_fn,
 )
+from machine import emit_report, load_average  # benchmarks/machine.py
 from model_report import GOALS, report  # benchmarks/model_report.py
-from timing import OURS, TV, Summary, per_call, timed_interleaved  # benchmarks/timing.py
+from timing import OURS, TV, Stopwatch, Summary, per_call, timed_interleaved  # benchmarks/timing.py
 from torch import nn
 from torchvision.models.detection import roi_heads as tv_roi_heads_module
-
-from ovd.utils.io import atomic_open
 
 # ------------------------------------------------------------------------------------------------
 # One vocabulary size
@@ -59,10 +58,10 @@ from ovd.utils.io import atomic_open
 
 
 def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, Any]:
-    t_start = time.perf_counter()
+    clock = Stopwatch()
     ours, tv, info = build_pair(num_classes, args)
     counts = class_image_counts(num_classes, args.seed)
-    log(f"[C={num_classes}] built both models in {time.perf_counter() - t_start:.1f} s")
+    log(f"[C={num_classes}] built both models in {clock.elapsed():.1f} s")
     res: dict[str, Any] = {"info": info}
     rh_o, rh_t = ours.roi_heads, tv.roi_heads
     parts = lambda fns: per_call(fns, args.part_repeats, args.part_round_s)  # noqa: E731
@@ -137,7 +136,7 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
     res["head_infer"] = parts({OURS: head_o, TV: head_t})
     res["head_post"] = parts({OURS: head_post_o, TV: head_post_t})
     res["num_rois_test"] = int(x.shape[0])
-    log(f"[C={num_classes}] inference parts done ({time.perf_counter() - t_start:.0f} s)")
+    log(f"[C={num_classes}] inference parts done ({clock.elapsed():.0f} s)")
 
     # ================= training, batch --train-batch =================
     ours.train()
@@ -219,7 +218,7 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
 
     res["head_train"] = parts({OURS: head_train_o, TV: head_train_t})
     res["num_rois_train"] = int(xt.shape[0])
-    log(f"[C={num_classes}] training parts done ({time.perf_counter() - t_start:.0f} s)")
+    log(f"[C={num_classes}] training parts done ({clock.elapsed():.0f} s)")
 
     # overhead estimated from the differing parts alone (everything else is the same computation on
     # the same shapes): Σ (ours − torchvision) / torchvision's end-to-end time
@@ -241,7 +240,7 @@ def bench_classes(num_classes: int, args: argparse.Namespace, log) -> dict[str, 
         im_o, im_t, _, _ = make_inputs(1, args, num_classes, counts, args.seed + 1)
         res["profile"]["inference, ours"] = profile_table(infer_fn(ours, im_o), args.profile_rows)
         res["profile"]["inference, torchvision"] = profile_table(infer_fn(tv, im_t), args.profile_rows)
-    res["seconds"] = time.perf_counter() - t_start
+    res["seconds"] = clock.elapsed()
     return res
 
 
@@ -286,27 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.profiler tables for one run of each model; auto = only when a goal is missed",
     )
     parser.add_argument("--profile-rows", type=int, default=20, help="ops per profiler table")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, embeddings and inputs")
-    parser.add_argument("--output", default=None, help="also write the markdown report to this file")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_run_args(parser)
     args = parser.parse_args(argv)
+    log = start(args)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    t0 = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    results = {c: bench_classes(c, args, log) for c in args.classes}
-    load1 = os.getloadavg()[0]
-    text = report(args, sys.argv[1:] if argv is None else argv, results, time.perf_counter() - t0, (load0, load1))
-    print(text, end="")
-    if args.output:
-        with atomic_open(args.output, "w") as f:
-            f.write(text)
+    load0 = load_average()
+    with Stopwatch() as whole:
+        results = {c: bench_classes(c, args, log) for c in args.classes}
+    lines = report(args, sys.argv[1:] if argv is None else argv, results, whole.s, (load0, load_average()))
+    emit_report(lines, args.output)
     return 0
 
 

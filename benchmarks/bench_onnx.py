@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import Stopwatch, sample
 
 from ovd.config import load_config
 from ovd.export import ExportableDetector, export_onnx, matched_detections
@@ -35,14 +34,7 @@ from ovd.predictor import Prediction
 
 
 def _median_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(sample(fn, repeats, warmup)) * 1e3
 
 
 def _prediction(outputs) -> Prediction:
@@ -58,10 +50,9 @@ def bench_config(path: str, args: argparse.Namespace, work: Path) -> list[dict]:
     h = cfg.input.min_size_test
     w = min(int(round(h * 4 / 3)), cfg.input.max_size_test)  # a 4:3 image at the test scale
     onnx_path = work / (Path(path).stem + ".onnx")
-    start = time.perf_counter()
-    export_onnx(model, onnx_path, class_names=[f"c{i}" for i in range(80)], min_size_test=h,
-                max_size_test=cfg.input.max_size_test, example_size=(h, w))  # fmt: skip
-    export_s = time.perf_counter() - start
+    with Stopwatch() as export:
+        export_onnx(model, onnx_path, class_names=[f"c{i}" for i in range(80)], min_size_test=h,
+                    max_size_test=cfg.input.max_size_test, example_size=(h, w))  # fmt: skip
     image = np.random.default_rng(0).integers(0, 256, (3, h, w), dtype=np.uint8)
     wrapper = ExportableDetector(model)
     rows = []
@@ -86,7 +77,7 @@ def bench_config(path: str, args: argparse.Namespace, work: Path) -> list[dict]:
             "config": path, "size": f"{h}x{w}", "threads": threads, "torch_ms": torch_ms, "ort_ms": ort_ms,
             "detections": len(ref), "onnx_detections": len(got), "matched": matched_detections(ref, got),
             "matched_loose": matched_detections(ref, got, score_tol=1e-3, iou_min=0.99),
-            "export_s": export_s, "onnx_mb": onnx_path.stat().st_size / 2**20,
+            "export_s": export.s, "onnx_mb": onnx_path.stat().st_size / 2**20,
         })  # fmt: skip
         print(rows[-1], flush=True)
     return rows
@@ -105,27 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         rows = [r for c in args.configs for r in bench_config(c, args, Path(tmp))]
-    command = " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    lines = [
-        f"Command: `python benchmarks/bench_onnx.py {command}`",
-        "",
-        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"Python {platform.python_version()}; medians of {args.repeats} calls after {args.warmup} warm-ups.",
-        "",
-        "| config | image | threads | PyTorch (ms) | onnxruntime (ms) | PyTorch / onnxruntime "
-        "| detections (PyTorch / ORT) | identical | within IoU 0.99, score 1e-3 | export (s) | file (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    details = f"onnxruntime {ort.__version__}; medians of {args.repeats} calls after {args.warmup} warm-ups."
+    lines = header("", details, argv=argv)
+    columns = ["config", "image", "threads", "PyTorch (ms)", "onnxruntime (ms)", "PyTorch / onnxruntime"]
+    columns += ["detections (PyTorch / ORT)", "identical", "within IoU 0.99, score 1e-3", "export (s)", "file (MB)"]
+    lines += table_header(columns, "llrrrrrrrrr")
     for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['size']} | {r['threads']} | {r['torch_ms']:.1f} | {r['ort_ms']:.1f} | "
-            f"**{r['torch_ms'] / r['ort_ms']:.2f}x** | {r['detections']} / {r['onnx_detections']} | {r['matched']} | "
-            f"{r['matched_loose']} | {r['export_s']:.0f} | {r['onnx_mb']:.1f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+        ratio = f"**{r['torch_ms'] / r['ort_ms']:.2f}x**"
+        lines.append(row(r["config"], r["size"], r["threads"], f"{r['torch_ms']:.1f}", f"{r['ort_ms']:.1f}", ratio,
+                         f"{r['detections']} / {r['onnx_detections']}", r["matched"], r["matched_loose"],
+                         f"{r['export_s']:.0f}", f"{r['onnx_mb']:.1f}"))  # fmt: skip
+    emit_report(lines, args.output)
 
 
 if __name__ == "__main__":

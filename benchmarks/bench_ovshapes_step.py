@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import platform
-import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import timed_interleaved
 
 from ovd.config import load_config
 from ovd.engine.trainer import _build_loader, _train_sources, amp_dtype, build_optimizer
@@ -54,7 +50,7 @@ VARIANTS = {
 
 
 def detector_steps(overrides: list[str], num_batches: int):
-    """A closure running one training step per cached batch, and the mean padded pixels per image."""
+    """(A closure running one training step per cached batch, its number of steps), mean padded pixels per image."""
     cfg = load_config(BASE, ["clip.pretrained=", "data.num_workers=0", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg, class_embeddings=torch.nn.functional.normalize(torch.randn(16, 64), dim=1)).train()
@@ -70,21 +66,19 @@ def detector_steps(overrides: list[str], num_batches: int):
 
     dtype = amp_dtype(cfg.solver, torch.device("cpu"))  # as the trainer: None = float32
 
-    def run() -> float:
-        t = time.perf_counter()
+    def run() -> None:
         for images, targets in inputs:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 losses = model(images, targets)
             sum(v.float() for v in losses.values()).backward()
             optimizer.step()
-        return (time.perf_counter() - t) / len(inputs)
 
-    return run, statistics.mean(padded)
+    return (run, len(inputs)), statistics.mean(padded)
 
 
 def teacher_step(after: bool):
-    """A closure timing one teacher training step (mean of 5)."""
+    """(A closure running 5 teacher training steps, 5)."""
     from ovd.clip import create_clip
     from ovd.clip.teacher import TeacherConfig, _param_groups, augment, contrastive_loss, normalize
 
@@ -101,8 +95,7 @@ def teacher_step(after: bool):
     tokens = clip.tokenizer([f"a photo of a shape number {i}" for i in range(cfg.batch_size + 16)])
     text_labels = torch.cat([labels, torch.arange(16)])
 
-    def run() -> float:
-        t = time.perf_counter()
+    def run() -> None:
         for _ in range(5):
             x = normalize(augment(pixels.permute(0, 3, 1, 2).float().div(255.0), cfg, gen), clip)
             if after:
@@ -112,19 +105,14 @@ def teacher_step(after: bool):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return (time.perf_counter() - t) / 5
 
-    return run
+    return run, 5
 
 
-def interleaved(runs: dict[str, object], rounds: int) -> dict[str, float]:
-    for run in runs.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            times[name].append(run())
-    return {k: statistics.median(v) for k, v in times.items()}
+def interleaved(runs: dict[str, tuple], rounds: int) -> dict[str, float]:
+    """Median seconds per step of each ``(closure, steps)`` over interleaved rounds, after one warm-up."""
+    times, _ = timed_interleaved({k: run for k, (run, _) in runs.items()}, 1, rounds)
+    return {k: statistics.median(times[k]) / steps for k, (_, steps) in runs.items()}
 
 
 def main() -> None:
@@ -140,28 +128,22 @@ def main() -> None:
         detector[name], pixels[name] = detector_steps(overrides, args.batches)
     teacher = {"before session 8 (per-tensor AdamW, contiguous)": teacher_step(False),
                "now (fused AdamW, channels-last)": teacher_step(True)}  # fmt: skip
-    lines = [
-        "## OV-Shapes training steps: detector variants and the CLIP teacher",
-        "",
-        f"Command: `{shlex.join(['python', 'benchmarks/bench_ovshapes_step.py', *sys.argv[1:]])}`",
-        "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available, {cpu_model()}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}.",
+    details = [
         f"- Detector: {args.batches} real batches of 8 OV-Shapes training images (the same images for every "
         f"variant), forward + backward + SGD step, medians of {args.rounds} interleaved rounds. Mean padded "
         "pixels per image: " + ", ".join(f"{k} {v:,.0f}" for k, v in pixels.items()) + ".",
         "- Teacher: one step on 128 crops (mean of 5 steps), medians of the interleaved rounds.",
-        "",
-        "| threads | model | variant | step (ms) | speed-up vs the first row |",
-        "|---:|---|---|---:|---:|",
     ]
+    title = "OV-Shapes training steps: detector variants and the CLIP teacher"
+    lines = header(title, "\n".join(details), level=2)
+    lines += table_header(["threads", "model", "variant", "step (ms)", "speed-up vs the first row"], "rllrr")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for label, runs in (("detector", detector), ("teacher", teacher)):
             medians = interleaved(runs, args.rounds)
             first = next(iter(medians.values()))
             for name, t in medians.items():
-                lines.append(f"| {threads} | {label} | {name} | {t * 1e3:.0f} | {first / t:.2f}× |")
+                lines.append(row(threads, label, name, f"{t * 1e3:.0f}", f"{first / t:.2f}×"))
     emit_report(lines, args.output)
 
 

@@ -10,14 +10,12 @@ px, plus one whole-image box); outputs are checked bit-identical, then timed int
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
 import statistics
-import sys
-import time
+from functools import partial
 
 import torch
-from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import timed_interleaved
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from ovd.modeling.mask_head import paste_masks
@@ -41,32 +39,19 @@ def main() -> None:
     parser.add_argument("--output", default="")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = [
-        "# Mask pasting: torchvision vs ovd",
-        "",
-        f"Command: `python benchmarks/bench_paste.py {shlex.join(sys.argv[1:])}`",
-        f"Machine: {cpu_model()}, {args.threads} torch thread(s); torch {torch.__version__}, "
-        f"Python {platform.python_version()}. {args.num} masks per image, median of {args.reps} interleaved runs.",
-        "",
-        "| image | torchvision (ms) | ovd (ms) | speed-up | identical |",
-        "|---|---:|---:|---:|---|",
-    ]
+    details = f"{args.num} masks per image, median of {args.reps} interleaved runs."
+    lines = header("Mask pasting: torchvision vs ovd", details, threads=args.threads)
+    lines += table_header(["image", "torchvision (ms)", "ovd (ms)", "speed-up", "identical"], "lrrrl")
     gen = torch.Generator().manual_seed(0)
     for spec in args.sizes:
         height, width = (int(v) for v in spec.split("x"))
         masks, boxes = inputs(args.num, height, width, gen)
         size = (height, width)
         same = torch.equal(paste_masks(masks, boxes, size), paste_masks_in_image(masks, boxes, size)[:, 0])
-        times: dict[str, list[float]] = {"tv": [], "ovd": []}
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            paste_masks_in_image(masks, boxes, size)
-            times["tv"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            paste_masks(masks, boxes, size)
-            times["ovd"].append(time.perf_counter() - t)
+        fns = {"tv": partial(paste_masks_in_image, masks, boxes, size), "ovd": partial(paste_masks, masks, boxes, size)}
+        times, _ = timed_interleaved(fns, 0, args.reps)
         tv, ours = statistics.median(times["tv"]), statistics.median(times["ovd"])
-        lines.append(f"| {height}x{width} | {tv * 1e3:.1f} | {ours * 1e3:.1f} | {tv / ours:.2f}x | {same} |")
+        lines.append(row(f"{height}x{width}", f"{tv * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{tv / ours:.2f}x", same))
     emit_report(lines, args.output)
 
 

@@ -15,19 +15,14 @@ training image, which costs the same as real regions: RKD reads the first 5 eith
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
 
 import ovd.engine.trainer as trainer
 from ovd.config import load_config
@@ -117,26 +112,19 @@ def main() -> None:
     med = {k: [statistics.median(x[i] for x in v) for i in range(6)] for k, v in times.items()}
     plain, rkd = med.values()
     cols = ("training loop", "evaluation", "whole stage")
-    lines = [
-        "## The RKD stage against a plain stage of the same length (issue #22)",
-        "",
-        f"Command: `{shlex.join(['python', 'benchmarks/bench_rkd_stage.py', *sys.argv[1:]])}`",
-        "",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs available, {cpu_model()}; load average at the end "
-        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; Python {platform.python_version()}, torch "
-        f"{torch.__version__}; {args.threads} torch thread(s), the recipes' loader workers.",
-        f"- {args.iters} iterations per stage run, {args.rounds} alternating rounds, medians; store: "
+    details = (
+        f"- The recipes' loader workers; {args.iters} iterations per stage run, {args.rounds} alternating rounds, "
+        "medians; store: "
         f"{'synthetic (16 random regions per image)' if not args.store else args.store}; init: "
-        f"{args.init or 'random'}. Evaluation = the recipe's final evaluation on val (RKD: with region fidelity).",
-        "",
-        "| variant | "
-        + " | ".join(f"{c}, wall (s)" for c in cols)
-        + " | "
-        + " | ".join(f"{c}, CPU (s)" for c in cols)
-        + " |",
-        "|---|" + "---:|" * 6,
-        *(f"| {k} | " + " | ".join(f"{v[i]:.1f}" for i in (0, 1, 4, 2, 3, 5)) + " |" for k, v in med.items()),
-        "| **RKD / plain** | " + " | ".join(f"**{rkd[i] / plain[i]:.3f}×**" for i in (0, 1, 4, 2, 3, 5)) + " |",
+        f"{args.init or 'random'}. Evaluation = the recipe's final evaluation on val (RKD: with region fidelity)."
+    )
+    title = "The RKD stage against a plain stage of the same length (issue #22)"
+    lines = header(title, details, threads=args.threads, load=True, level=2)
+    lines += table_header(["variant", *(f"{c}, wall (s)" for c in cols), *(f"{c}, CPU (s)" for c in cols)], "lrrrrrr")
+    order = (0, 1, 4, 2, 3, 5)
+    lines += [row(k, *(f"{v[i]:.1f}" for i in order)) for k, v in med.items()]
+    lines += [
+        row("**RKD / plain**", *(f"**{rkd[i] / plain[i]:.3f}×**" for i in order)),
         "",
         "Per round (training wall, evaluation wall, training CPU, evaluation CPU; s): "
         + "; ".join(f"{k}: " + ", ".join("/".join(f"{x:.1f}" for x in t[:4]) for t in v) for k, v in times.items()),

@@ -1,6 +1,6 @@
 """Benchmark: ovd's RoIAlign CPU backward (``ovd.modeling.roi_align``) against torchvision's, side by side.
 
-Two measurements, both interleaved (torchvision, ours, torchvision, ours, ...) in one process so that the
+Two measurements, both interleaved in rounds (alternating which goes first) in one process so that the
 machine's noise hits both alike; the figure is the median of the repetitions:
 
 1. the op alone: backward of one RoIAlign call per FPN level (p3–p5, 64 channels, 7x7 bins, adaptive
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
+from timing import timed_interleaved
 from torchvision.ops import roi_align as tv_roi_align
 
 import ovd.modeling.roi_align as ovd_roi_align
@@ -77,12 +74,8 @@ def bench_op(reps: int) -> dict[str, float]:
 
     for a, b in zip(run(_torchvision), run(ovd_roi_align.roi_align), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    times: dict[str, list[float]] = {"torchvision": [], "ovd": []}
-    for _ in range(reps):
-        for name, fn in (("torchvision", _torchvision), ("ovd", ovd_roi_align.roi_align)):
-            t = time.perf_counter()
-            run(fn)
-            times[name].append(time.perf_counter() - t)
+    fns = {"torchvision": lambda: run(_torchvision), "ovd": lambda: run(ovd_roi_align.roi_align)}
+    times, _ = timed_interleaved(fns, 0, reps)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -106,16 +99,17 @@ def bench_step(reps: int) -> dict[str, float]:
         model.zero_grad(set_to_none=True)
         sum(model(images, targets).values()).backward()
 
-    times: dict[str, list[float]] = {"torchvision": [], "ovd": []}
+    def with_op(fn):
+        def run() -> None:
+            ovd_roi_align.roi_align = fn  # what MultiScaleRoIAlign.forward calls
+            step()
+
+        return run
+
     try:
         for _ in range(2):
             step()  # warm-up
-        for _ in range(reps):
-            for name, fn in (("torchvision", _torchvision), ("ovd", original)):
-                ovd_roi_align.roi_align = fn  # what MultiScaleRoIAlign.forward calls
-                t = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t)
+        times, _ = timed_interleaved({"torchvision": with_op(_torchvision), "ovd": with_op(original)}, 0, reps)
     finally:
         ovd_roi_align.roi_align = original
     return {k: statistics.median(v) for k, v in times.items()}
@@ -127,16 +121,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--output", default="", help="markdown report path (printed too)")
     args = parser.parse_args()
-    lines = [
-        "# RoIAlign backward on CPU: torchvision vs ovd",
-        "",
-        f"Command: `python benchmarks/bench_roi_align.py {shlex.join(sys.argv[1:])}`",
-        f"Machine: {cpu_model()}, {torch.get_num_threads()} default threads; torch {torch.__version__}, "
-        f"Python {platform.python_version()}. Median of {args.reps} interleaved repetitions.",
-        "",
-        "| threads | measurement | torchvision (ms) | ovd (ms) | speed-up |",
-        "|---|---|---|---|---|",
-    ]
+    details = f"Median of {args.reps} interleaved repetitions; threads per row in the table."
+    lines = header("RoIAlign backward on CPU: torchvision vs ovd", details)
+    lines += table_header(["threads", "measurement", "torchvision (ms)", "ovd (ms)", "speed-up"], "lllll")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for label, result in (
@@ -144,7 +131,7 @@ def main() -> None:
             ("training step (forward + backward)", bench_step(args.reps)),
         ):
             tv, ours = result["torchvision"], result["ovd"]
-            lines.append(f"| {threads} | {label} | {tv * 1e3:.1f} | {ours * 1e3:.1f} | {tv / ours:.2f}x |")
+            lines.append(row(threads, label, f"{tv * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{tv / ours:.2f}x"))
     emit_report(lines, args.output)
 
 

@@ -1,7 +1,7 @@
 """Web demo latency: pressing Detect to the result in the page (measured in the browser) against calling
 ``Predictor`` directly in the same process, CPU.
 
-    cd benchmarks && python bench_web_demo.py --repeats 20 --output results/web_demo.md
+    python benchmarks/bench_web_demo.py --repeats 20 --output benchmarks/results/web_demo.md
 
 The OV-Shapes recipe (``configs/ovshapes/base.yaml``: its backbone, test scale 256 px, 50 detections)
 trained for one iteration on ``ovshapes_small`` (or ``--checkpoint C``, e.g. the main job's
@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model, emit_report  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import emit_report, header, load_average, row, table_header  # benchmarks/ (run from this folder's path)
+from timing import Stopwatch
 
 REPO = Path(__file__).resolve().parents[1]
 # The 1-iteration OV-Shapes model: the recipe's architecture and test scale, no CLIP weights needed.
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     from ovd.data.catalog import get_dataset
     from ovd.predictor import Predictor
 
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     chromium, chromedriver, missing = browser.find_browser()
     if chromium is None or chromedriver is None:
         sys.exit(f"bench_web_demo: {missing}")
@@ -107,37 +106,31 @@ def main(argv: list[str] | None = None) -> None:
                 page_ms, direct_ms, status = [], [], ""
                 for i in range(args.warmup + args.repeats):
                     elapsed, status = driver.execute_async_script(_TIMED_RUN, i + 1)
-                    start = time.perf_counter()
-                    prediction = direct(image)
-                    direct_elapsed = (time.perf_counter() - start) * 1e3
+                    with Stopwatch() as w:
+                        prediction = direct(image)
                     if i >= args.warmup:
                         page_ms.append(elapsed)
-                        direct_ms.append(direct_elapsed)
+                        direct_ms.append(w.s * 1e3)
             finally:
                 driver.quit()
                 page.close()
     assert f"{len(prediction)} detections" in status, status
     diffs = [a - b for a, b in zip(page_ms, direct_ms, strict=True)]
     page_med, direct_med = statistics.median(page_ms), statistics.median(direct_ms)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
     model = checkpoint if args.checkpoint else "the OV-Shapes recipe after 1 iteration"
-    lines = [
-        f"Command: `cd benchmarks && python bench_web_demo.py {command}`",
-        "",
-        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__} ({args.threads} thread), "
-        f"Python {platform.python_version()}; model: {model}; "
-        f"image {image.name} ({len(prediction)} detections at confidence {args.confidence}); medians of "
-        f"{args.repeats} runs after {args.warmup} warm-ups, page and direct interleaved; 1-minute load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs on the host).",
-        "",
-        "| path | median (ms) | min (ms) | max (ms) |",
-        "|---|---:|---:|---:|",
-        f"| page: click on Detect → status + annotated image shown (browser clock) | {page_med:.1f} | "
-        f"{min(page_ms):.1f} | {max(page_ms):.1f} |",
-        f"| `Predictor(path)` in the same process | {direct_med:.1f} | {min(direct_ms):.1f} | {max(direct_ms):.1f} |",
-        f"| **page overhead** (difference of medians; median of paired differences) | **{page_med - direct_med:.1f}**; "
-        f"{statistics.median(diffs):.1f} | | |",
-    ]
+    details = (
+        f"Model: {model}; image {image.name} ({len(prediction)} detections at confidence {args.confidence}); "
+        f"medians of {args.repeats} runs after {args.warmup} warm-ups, page and direct interleaved; "
+        f"{load_before} before, {load_average()} after (other jobs on the host)."
+    )
+    lines = header("", details, argv=argv, threads=args.threads)
+    lines += table_header(["path", "median (ms)", "min (ms)", "max (ms)"], "lrrr")
+    page_row = "page: click on Detect → status + annotated image shown (browser clock)"
+    lines.append(row(page_row, f"{page_med:.1f}", f"{min(page_ms):.1f}", f"{max(page_ms):.1f}"))
+    direct_row = "`Predictor(path)` in the same process"
+    lines.append(row(direct_row, f"{direct_med:.1f}", f"{min(direct_ms):.1f}", f"{max(direct_ms):.1f}"))
+    overhead = f"**{page_med - direct_med:.1f}**; {statistics.median(diffs):.1f}"
+    lines.append(row("**page overhead** (difference of medians; median of paired differences)", overhead, "", ""))
     emit_report(lines, args.output or "")
 
 

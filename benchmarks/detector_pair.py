@@ -7,6 +7,7 @@ times, profiler tables). Used by bench_model.py and bench_maskrcnn.py.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 import torchvision
-from timing import OURS, TV  # benchmarks/timing.py
+from timing import OURS, TV, Stopwatch  # benchmarks/timing.py
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
@@ -34,6 +35,25 @@ EMBED_DIM = 512
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The flags both paired detector benchmarks share: ``--seed``, ``--output``, ``--quiet``."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, embeddings and inputs")
+    parser.add_argument("--output", default=None, help="also write the markdown report to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def start(args: argparse.Namespace) -> Callable[[str], None]:
+    """Set torch's threads (``--threads``) and seed; returns the progress logger (stderr unless ``--quiet``)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log
 
 
 def ours_overrides(num_classes: int, args: argparse.Namespace) -> list[str]:
@@ -333,8 +353,7 @@ def stage_times(run: Callable[[], Any], stages: dict[str, nn.Module]) -> dict[st
     for name, mod in stages.items():
         pairs.append((mod, "pre", lambda *a, n=name: start.__setitem__(n, time.perf_counter())))
         pairs.append((mod, "post", lambda *a, n=name: acc.__setitem__(n, acc[n] + time.perf_counter() - start[n])))
-    with hooks(pairs):
-        t0 = time.perf_counter()
+    with hooks(pairs), Stopwatch() as whole:
         run()
-        acc["total"] = time.perf_counter() - t0
+    acc["total"] = whole.s
     return acc

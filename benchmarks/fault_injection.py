@@ -29,14 +29,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import cpu_model, emit_report  # noqa: E402
+from machine import emit_report, header, row, table_header  # noqa: E402
+from timing import Stopwatch  # noqa: E402
 
 TRAIN = [
     "data.train=ovshapes_small_train", "data.test=ovshapes_small_val", "data.num_workers=0", "clip.pretrained=",
@@ -160,18 +160,16 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], log: Path | None = None) -> float:
-    t0 = time.perf_counter()
-    with open(log or os.devnull, "a") as f:
+    with Stopwatch() as w, open(log or os.devnull, "a") as f:
         rc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {rc}); see {log}")
-    return time.perf_counter() - t0
+    return w.s
 
 
 def _killed_run(cmd: list[str], delay: float, log: Path) -> float | None:
     """Start ``cmd``, SIGKILL its process group after ``delay`` s; None if killed, else its wall time."""
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
+    with Stopwatch() as w, open(log, "a") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=delay)
@@ -181,7 +179,7 @@ def _killed_run(cmd: list[str], delay: float, log: Path) -> float | None:
             return None
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}) after a kill; see {log}")
-    return time.perf_counter() - t0
+    return w.s
 
 
 def inject(target: str, make_cmd: Any, work: Path, kills: int, rng: random.Random) -> dict[str, Any]:
@@ -232,17 +230,12 @@ def main() -> None:
     commands = _commands(files, args.work)
     rng = random.Random(args.seed)
     rows = [inject(t, commands[t], args.work, args.kills, rng) for t in args.targets]
-    lines = [
-        f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; one torch thread per process. Command: "
-        f"`python {' '.join(sys.argv)}`.",
-        "",
-        "| target | reference run (s) | SIGKILLs | of them after output was written | runs | chains "
-        "| final results identical | temporary files left |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = header("", "One torch thread per process.", threads=1)
+    columns = ["target", "reference run (s)", "SIGKILLs", "of them after output was written", "runs", "chains"]
+    lines += table_header([*columns, "final results identical", "temporary files left"], "lrrrrrrr")
     for r in rows:
-        lines.append(f"| {r['target']} | {r['reference_s']} | {r['kills']} | {r['kills_after_output']} | {r['runs']} "
-                     f"| {r['chains']} | {r['identical']} / {r['chains']} | {r['leftover_tmp']} |")  # fmt: skip
+        lines.append(row(r["target"], r["reference_s"], r["kills"], r["kills_after_output"], r["runs"], r["chains"],
+                         f"{r['identical']} / {r['chains']}", r["leftover_tmp"]))  # fmt: skip
     emit_report(lines, args.output)
 
 

@@ -10,9 +10,9 @@ a digest of that listing. Run it on two trees and compare (docs/ARCHITECTURE.md 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 
@@ -42,4 +42,6 @@ def main(root: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path, help="folder the worlds are generated in (OUT_DIR.sha256 beside it)")
+    print(main(parser.parse_args().out_dir))

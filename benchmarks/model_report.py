@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from machine import describe  # benchmarks/machine.py (scripts run from this folder's path)
+from machine import header, table_header  # benchmarks/machine.py (scripts run from this folder's path)
 from timing import OURS, TV, Summary, pct  # benchmarks/timing.py
 
 GOALS = {80: 0.10, 1203: 0.20}  # max overhead of ours over torchvision (the issue's goal lines)
@@ -16,16 +15,12 @@ GOALS = {80: 0.10, 1203: 0.20}  # max overhead of ours over torchvision (the iss
 # ------------------------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], wall: float, loads) -> str:
-    command = shlex.join(["python", "benchmarks/bench_model.py", *argv])
+def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], wall: float, loads) -> list[str]:
+    """The report's lines; ``loads``: :func:`machine.load_average` at the start and at the end."""
     h, w = args.size
-    lines = [
-        "## OpenVocabDetector vs torchvision Faster R-CNN (R50-FPN), CPU",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"- Machine: {describe(args.threads)}. Load average (1 min) at start / end: {loads[0]:.1f} / {loads[1]:.1f}: "
-        "the machine is shared with other jobs, so absolute times are noisy; the two models always run interleaved "
+    details = [
+        f"- Host load: {loads[0]} at the start, {loads[1]} at the end: the machine is shared with other jobs, "
+        "so absolute times are noisy; the two models always run interleaved "
         f"in the same process and only ratios should be compared. Total run time {wall / 60:.1f} min.",
         f"- Input: {h}×{w} (H×W) images, given already at that size to both models (torchvision's transform has "
         f"min_size={min(h, w)}, max_size={max(h, w)}, i.e. scale factor 1; the tensors reaching both backbones were "
@@ -67,10 +62,11 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], 
         "everything else is the same computation on the same shapes, so this is a low-noise estimate of "
         "the same overhead (the RPN box loss, L1 vs smooth-L1 on ≤ 256 anchors per image, is left out as "
         "negligible).",
-        "",
-        "| C | measurement | ours | torchvision | ours − tv | overhead | [min, max] | ratio of medians | CPU | goal |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    title = "OpenVocabDetector vs torchvision Faster R-CNN (R50-FPN), CPU"
+    lines = header(title, "\n".join(details), argv=argv, threads=args.threads, level=2)
+    columns = ["C", "measurement", "ours", "torchvision", "ours − tv", "overhead", "[min, max]", "ratio of medians"]
+    lines += table_header([*columns, "CPU", "goal"], "rlrrrrrrrl")
 
     def ms(t: float) -> str:
         return f"{t * 1000:.1f} ms" if abs(t) < 1 else f"{t:.2f} s"
@@ -176,4 +172,4 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[int, dict], 
                 "",
                 "</details>",
             ]
-    return "\n".join(lines) + "\n"
+    return lines

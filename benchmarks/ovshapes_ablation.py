@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import cpu_model  # noqa: E402
+from machine import VARIES, command, describe, emit_report, row, table_header  # noqa: E402
+from timing import Stopwatch  # noqa: E402
 
 KEYS = ("AP50_novel", "AP50_base", "AP50_all")
 
@@ -58,22 +58,16 @@ def run_seeds(
                    *(["--rerun-changed"] if rerun_changed else []), f"seed={seed}", *overrides]  # fmt: skip
             log = open(out / "pipeline.log", "w")  # noqa: SIM115 (closed when the process ends)
             running[seed] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log,
-                             time.perf_counter())  # fmt: skip
-        for seed, (proc, log, t0) in list(running.items()):
+                             Stopwatch())  # fmt: skip
+        for seed, (proc, log, clock) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 if proc.returncode != 0:
                     raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {root}/seed{seed}/pipeline.log")
-                walls[seed] = time.perf_counter() - t0
+                walls[seed] = clock.elapsed()
                 del running[seed]
         time.sleep(2)
     return walls
-
-
-def _gpu() -> str:
-    import torch
-
-    return f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
 
 
 def table(root: Path, seeds: list[int]) -> tuple[str, list[str]]:
@@ -82,20 +76,20 @@ def table(root: Path, seeds: list[int]) -> tuple[str, list[str]]:
     order: list[str] = []
     for seed in seeds:
         result = json.loads((root / f"seed{seed}" / "ablation.json").read_text())
-        for row in result["stages"]:
-            if row["stage"] not in per_stage:
-                order.append(row["stage"])
-            stage = per_stage.setdefault(row["stage"], {k: [] for k in KEYS})
+        for r in result["stages"]:
+            if r["stage"] not in per_stage:
+                order.append(r["stage"])
+            stage = per_stage.setdefault(r["stage"], {k: [] for k in KEYS})
             for k in KEYS:
-                stage[k].append(float(row[k]))
-    lines = ["| stage | AP50 novel | AP50 base | AP50 all |", "|---|---:|---:|---:|"]
+                stage[k].append(float(r[k]))
+    lines = table_header(["stage", "AP50 novel", "AP50 base", "AP50 all"], "lrrr")
     for name in order:
         cells = []
         for k in KEYS:
             v = per_stage[name][k]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(row(name, *cells))
     raw = [
         f"- {name}: " + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in per_stage[name][k]) for k in KEYS)
         for name in order
@@ -118,29 +112,29 @@ def main() -> int:
     p.add_argument("--rerun-changed", action="store_true", help="retrain stages whose config or inputs changed")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every stage of every seed")
     args = p.parse_args()
-    start = time.perf_counter()
-    walls = run_seeds(
-        args.seeds, args.root, args.config, args.parallel, args.threads, args.overrides, args.parallel_stages,
-        args.rerun_changed,
-    )  # fmt: skip
-    text, raw = table(args.root, args.seeds)
+    with Stopwatch() as whole:
+        walls = run_seeds(
+            args.seeds, args.root, args.config, args.parallel, args.threads, args.overrides, args.parallel_stages,
+            args.rerun_changed,
+        )  # fmt: skip
+        text, raw = table(args.root, args.seeds)
     from ovd.clip.teacher import teacher_path  # $OVD_DATASETS (default ./datasets), as the pipelines use
 
     teacher = json.loads(teacher_path().with_suffix(".json").read_text())["accuracy"]
-    report = "\n".join(
+    emit_report(
         [
             "## OV-Shapes ablation over seeds",
             "",
-            f"Command: `python {' '.join(sys.argv)}`" + (f" ({args.note})" if args.note else ""),  # exactly as run
+            f"Command: `{command()}`" + (f" ({args.note})" if args.note else ""),  # exactly as run
             "",
-            f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}; "
-            f"{args.parallel} seed(s) at a time, {args.threads} torch thread(s) each; load average at the end "
-            f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; {_gpu()}.",
+            f"- Machine: {describe(args.threads, gpu=True, load=True)}; {args.parallel} seed(s) at a time, "
+            f"{args.threads} torch thread(s) each.",
+            f"- {VARIES}",
             f"- Teacher (shared by all seeds): zero-shot top-1 {teacher['top1']} % (base {teacher['top1_base']} %, "
             f"novel {teacher['top1_novel']} %) on {teacher['num']} held-out crops.",
             "- Wall time per seed (s, runs overlapped): "
             + ", ".join(f"seed {s}: {w:.0f}" for s, w in sorted(walls.items()))
-            + f"; whole benchmark {time.perf_counter() - start:.0f} s.",
+            + f"; whole benchmark {whole.s:.0f} s.",
             "",
             "Mean ± sample std over the seeds (OV-Shapes `default` val, 300 images, AP50 in %):",
             "",
@@ -149,12 +143,9 @@ def main() -> int:
             "Per seed:",
             "",
             *raw,
-            "",
-        ]
+        ],
+        args.output,
     )
-    print(report)
-    if args.output:
-        args.output.write_text(report)
     return 0
 
 

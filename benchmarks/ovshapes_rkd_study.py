@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import emit_report  # noqa: E402
+from machine import emit_report, header, row, table_header  # noqa: E402
 from ovshapes_ablation import run_seeds  # noqa: E402
 
 RECIPE_L1 = 0.15  # configs/ovshapes/rkd.yaml
@@ -115,8 +115,8 @@ def weight_stats(store: Path, num_regions: int = 5) -> list[str]:
         w = np.load(store / "region_weights" / f"{name}.npy")[:, :num_regions]  # (N, k)
         kept = w[valid & (w > 0)]
         dropped = float((valid & (w == 0)).sum()) / max(int(valid.sum()), 1)
-        rows.append(f"| {how['mode']} | {how['contradiction_iou']:g} | {100 * dropped:.1f} % | "
-                    f"{kept.mean() if kept.size else 0:.3f} |")  # fmt: skip
+        rows.append(row(how["mode"], f"{how['contradiction_iou']:g}", f"{100 * dropped:.1f} %",
+                        f"{kept.mean() if kept.size else 0:.3f}"))  # fmt: skip
     return rows
 
 
@@ -171,18 +171,18 @@ def plot_sweep(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_report(result: dict, pick: dict, command: str) -> list[str]:
-    head = "| mode | λ_L1 | AP50 novel | AP50 base | base cost vs control | cosine base / novel | agreement base / novel | student top-1 base / novel |"  # noqa: E501
-    lines = ["## Teacher-aware RKD: the dev sweep (issue #22)", "", f"Command: `{command}`", "",
-             f"Mean ± sample std over seeds {result['rows'][0]['seeds']} (RKD stage only, one base checkpoint; "
-             f"`ovshapes_dev`, 300 images). Control (base_continued): novel {_fmt(result['control']['AP50_novel'])}, "
-             f"base {_fmt(result['control']['AP50_base'])}.", "", head,
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+def sweep_report(result: dict, pick: dict) -> list[str]:
+    details = (f"Mean ± sample std over seeds {result['rows'][0]['seeds']} (RKD stage only, one base checkpoint; "
+               f"`ovshapes_dev`, 300 images). Control (base_continued): novel {_fmt(result['control']['AP50_novel'])}, "
+               f"base {_fmt(result['control']['AP50_base'])}.")  # fmt: skip
+    lines = header("Teacher-aware RKD: the dev sweep (issue #22)", details, level=2)
+    columns = ["mode", "λ_L1", "AP50 novel", "AP50 base", "base cost vs control", "cosine base / novel"]
+    lines += table_header([*columns, "agreement base / novel", "student top-1 base / novel"], "lrrrrrrr")
     for r in result["rows"]:
         pairs = [f"{_fmt(r[f'{m}_base'])} / {_fmt(r[f'{m}_novel'])}" if r[f"{m}_base"] else "-"
                  for m in ("fidelity_cosine", "fidelity_agreement", "fidelity_student_acc")]  # fmt: skip
-        lines.append(f"| {r['mode']} | {r['l1_weight']:g} | {_fmt(r['AP50_novel'])} | {_fmt(r['AP50_base'])} | "
-                     f"{_fmt(r['base_cost'])} | " + " | ".join(pairs) + " |")  # fmt: skip
+        lines.append(row(r["mode"], f"{r['l1_weight']:g}", _fmt(r["AP50_novel"]), _fmt(r["AP50_base"]),
+                         _fmt(r["base_cost"]), *pairs))  # fmt: skip
     lines += ["", f"Selection rule → **{pick['mode']}, λ_L1 {pick['l1_weight']:g}** ({pick['reason']}; novel floor "
               f"{pick['novel_floor']:.1f}). Val command: `python benchmarks/ovshapes_rkd_study.py val --setting "
               f"{' '.join(pick['overrides'])}`."]  # fmt: skip
@@ -201,9 +201,9 @@ def val_numbers(root: Path, seeds: list[int]) -> dict[str, dict[str, list[float]
     out: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
         rows = json.loads((root / f"seed{seed}" / "ablation.json").read_text())["stages"]
-        for row in rows:
+        for r in rows:
             for k in METRICS:
-                out.setdefault(row["stage"], {}).setdefault(k, []).append(float(row[k]))
+                out.setdefault(r["stage"], {}).setdefault(k, []).append(float(r[k]))
         fid = _metrics(root / f"seed{seed}" / "rkd")
         for k in FIDELITY:
             if fid.get(k) is not None:
@@ -251,16 +251,14 @@ def plot_val(today: dict, new: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def val_report(today: dict, new: dict, rule: dict, setting: list[str], command: str) -> list[str]:
-    lines = ["## Teacher-aware RKD on val: today's recipe vs the chosen setting (issue #22)", "",
-             f"Command: `{command}`", "", f"Chosen setting: `{' '.join(setting)}`. Mean ± sample std over seeds.", "",
-             "| stage | novel, today | novel, chosen | base, today | base, chosen |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+def val_report(today: dict, new: dict, rule: dict, setting: list[str]) -> list[str]:
+    title = "Teacher-aware RKD on val: today's recipe vs the chosen setting (issue #22)"
+    lines = header(title, f"Chosen setting: `{' '.join(setting)}`. Mean ± sample std over seeds.", level=2)
+    lines += table_header(["stage", "novel, today", "novel, chosen", "base, today", "base, chosen"], "lrrrr")
     for stage in today:
-        cells = [_fmt(x[stage][k]) if stage in x else "-" for k in METRICS for x in (today, new)]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    lines += ["", "| RKD fidelity (val GT regions) | today | chosen |", "|---|---:|---:|"]
-    lines += [f"| {k} | {_fmt(today['rkd'][k])} | {_fmt(new['rkd'][k])} |" for k in FIDELITY if today["rkd"].get(k)]
+        lines.append(row(stage, *(_fmt(x[stage][k]) if stage in x else "-" for k in METRICS for x in (today, new))))
+    lines += ["", *table_header(["RKD fidelity (val GT regions)", "today", "chosen"], "lrr")]
+    lines += [row(k, _fmt(today["rkd"][k]), _fmt(new["rkd"][k])) for k in FIDELITY if today["rkd"].get(k)]
     checks = "; ".join(f"{k} {'PASS' if v['pass'] else 'FAIL'} ({v['numbers']})" for k, v in rule["checks"].items())
     verdict = "adopt the chosen setting" if rule["adopt"] else "keep today's recipe (negative result)"
     lines += ["", f"Adoption rule: {checks} → **{verdict}**."]
@@ -285,7 +283,6 @@ def main() -> int:
         q.add_argument("--stage-overrides", nargs="*", default=[], help="key=value overrides for every stage")
         q.add_argument("--table-only", action="store_true", help="tabulate finished runs, train nothing")
     args = p.parse_args()
-    command = " ".join(["python", "benchmarks/ovshapes_rkd_study.py", *sys.argv[1:]])
     args.root.mkdir(parents=True, exist_ok=True)
     stem = args.output / (args.name or f"rkd_study_{'dev' if args.cmd == 'sweep' else 'val'}")
     if args.cmd == "sweep":
@@ -298,10 +295,10 @@ def main() -> int:
         result = sweep_table(args.root, args.weights, args.modes, args.seeds)
         pick = choose(result)
         plot_sweep(result, stem.with_suffix(".png"))
-        lines = sweep_report(result, pick, command) + ["", f"![dev sweep]({stem.with_suffix('.png').name})"]
+        lines = sweep_report(result, pick) + ["", f"![dev sweep]({stem.with_suffix('.png').name})"]
         stats = weight_stats(args.root / "regions" / "ovshapes_train")
         lines += ["", "Region weights of the regions RKD reads (first 5 per training image):", "",
-                  "| mode | contradiction IoU | dropped | mean weight of the rest |", "|---|---:|---:|---:|",
+                  *table_header(["mode", "contradiction IoU", "dropped", "mean weight of the rest"], "lrrr"),
                   *stats]  # fmt: skip
         (stem.with_suffix(".json")).write_text(json.dumps({**result, "choice": pick}, indent=1))
     else:
@@ -313,7 +310,7 @@ def main() -> int:
         today, new = (val_numbers(roots[k], args.seeds) for k in ("today", "chosen"))
         rule = adoption(today, new)
         plot_val(today, new, stem.with_suffix(".png"))
-        lines = val_report(today, new, rule, args.setting, command) + ["", f"![val]({stem.with_suffix('.png').name})"]
+        lines = val_report(today, new, rule, args.setting) + ["", f"![val]({stem.with_suffix('.png').name})"]
         (stem.with_suffix(".json")).write_text(json.dumps({"today": today, "chosen": new, "adoption": rule}, indent=1))
     emit_report(lines, str(stem.with_suffix(".md")))
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import emit_report, header, row, table_header  # benchmarks/ (scripts run from this folder's path)
 from torchvision.ops import box_iou
 
 from ovd.data.catalog import get_dataset
@@ -148,19 +149,19 @@ def main() -> None:
         ("caption labels that got a pseudo box", "pseudo_cover"),
         ("pseudo boxes on an object of their class", "pseudo_prec"),
     ]
-    print(f"run: {args.run} ({len(images)} train images, IoU >= {args.iou}, K = {store.k})\n")
-    print("| signal | base classes | novel classes |\n|---|---:|---:|")
+    lines = header("", f"run: {args.run} ({len(images)} train images, IoU >= {args.iou}, K = {store.k})")
+    lines += table_header(["signal", "base classes", "novel classes"], "lrr")
     for label, key in rows:
-        print(f"| {label} | {_pct(*split_counts['base'][key])} | {_pct(*split_counts['novel'][key])} |")
+        lines.append(row(label, _pct(*split_counts["base"][key]), _pct(*split_counts["novel"][key])))
     names = {c["id"] - 1: c["name"] for c in train["categories"]}
-    print("\n| class | split | teacher top-1 on RKD regions | pseudo boxes on an object of their class |")
-    print("|---|---|---:|---:|")
+    columns = ["class", "split", "teacher top-1 on RKD regions", "pseudo boxes on an object of their class"]
+    lines += ["", *table_header(columns, "llrr")]
     for cls in sorted(per_class):
         c = per_class[cls]
         split = "novel" if cls in novel_ids else "base"
-        top1, prec = _pct(*c.get("teacher_top1", [0, 0])), _pct(*c.get("pseudo_prec", [0, 0]))
-        print(f"| {names[cls]} | {split} | {top1} | {prec} |")
-    print("\n" + json.dumps({"split": split_counts, "per_class": {names[k]: v for k, v in sorted(per_class.items())}}))
+        lines.append(row(names[cls], split, _pct(*c.get("teacher_top1", [0, 0])), _pct(*c.get("pseudo_prec", [0, 0]))))
+    emit_report(lines, "")
+    print(json.dumps({"split": split_counts, "per_class": {names[k]: v for k, v in sorted(per_class.items())}}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import emit_report  # noqa: E402
+from machine import emit_report, header, row, table_header  # noqa: E402
 
 
 def main() -> None:
@@ -31,20 +31,16 @@ def main() -> None:
 
     rows = [stage_row(str(run), read_json(run / "eval" / "metrics.json")) for run in args.runs]
     keys = LVIS_KEYS if "APr" in rows[0] else METRIC_KEYS
-    lines = [
-        f"Command: `python {' '.join(sys.argv)}`",
-        "",
-        "| run | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-        "|---|" + "---:|" * len(keys),
-    ]
+    lines = header("", "Computed from each run's eval/metrics.json.")
+    lines += table_header(["run", *(k.replace("_", " ") for k in keys)], "l" + "r" * len(keys))
     for r in rows:
-        lines.append(f"| {r['stage']} | " + " | ".join("-" if r[k] is None else f"{r[k]:.1f}" for k in keys) + " |")
+        lines.append(row(r["stage"], *("-" if r[k] is None else f"{r[k]:.1f}" for k in keys)))
     cells = []
     for k in keys:
         values = [r[k] for r in rows if r[k] is not None]
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "-")
-    lines.append(f"| **mean ± sample std ({len(rows)} runs)** | " + " | ".join(cells) + " |")
+    lines.append(row(f"**mean ± sample std ({len(rows)} runs)**", *cells))
     emit_report(lines, args.output)
 
 

@@ -1,7 +1,8 @@
-"""Timing shared by the paired benchmarks (ours vs a reference, run interleaved in one process).
+"""Timers shared by every benchmark script.
 
-Each round runs both sides back to back, alternating which goes first, so a load change on the shared
-machine mostly cancels in the per-round ratio; :class:`Summary` reports medians and that paired ratio.
+:class:`Stopwatch` times one span; :func:`sample` times repeated calls after a warm-up; :func:`timed_interleaved`
+times several functions in rounds, alternating which goes first, so a load change on the shared machine
+mostly cancels in the per-round ratio; :class:`Summary` reports medians and that paired ratio of two sides.
 """
 
 from __future__ import annotations
@@ -11,11 +12,48 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+Sync = Callable[[], Any] | None  # called after each timed call, inside the span (e.g. torch.cuda.synchronize)
+
 OURS, TV = "ours", "torchvision"  # the two sides of a paired comparison
 
 
+class Stopwatch:
+    """Wall-clock seconds: ``with Stopwatch() as w: ...`` then ``w.s`` (and ``w.cpu``, process CPU seconds of
+    all threads); or ``w = Stopwatch()`` then ``w.elapsed()``."""
+
+    def __init__(self) -> None:
+        self.s = self.cpu = 0.0
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def __enter__(self) -> Stopwatch:
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.s, self.cpu = self.elapsed(), time.process_time() - self.cpu_start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def sample(fn: Callable[[], Any], repeats: int, warmup: int = 0, sync: Sync = None) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def timed_interleaved(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, sync: Sync = None
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warm up each, then ``repeats`` rounds of every function, alternating which goes first.
 
@@ -23,6 +61,8 @@ def timed_interleaved(
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    if sync is not None:
+        sync()
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
@@ -30,6 +70,8 @@ def timed_interleaved(
         for name in names if r % 2 == 0 else names[::-1]:
             c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
+            if sync is not None:
+                sync()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return wall, cpu

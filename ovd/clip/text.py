@@ -53,6 +53,17 @@ FORMAT_VERSION = 1
 _MAX_LISTED = 5
 
 
+def _non_empty_tuple(values: Sequence[str], field: str, expected: str, empty: str) -> tuple[str, ...]:
+    """``values`` as a tuple; one string (not a sequence of them) or an empty sequence raise :class:`OVDError`."""
+    if isinstance(values, str):
+        what = field.replace("_", " ")
+        raise OVDError(f"{what} must be {expected}, not one string", field=field)
+    out = tuple(values)
+    if not out:
+        raise OVDError(empty, field=field)
+    return out
+
+
 def validate_vocabulary(class_names: Sequence[str]) -> tuple[str, ...]:
     """Check a vocabulary and return it as a tuple (names are used raw, as in the reference).
 
@@ -60,11 +71,7 @@ def validate_vocabulary(class_names: Sequence[str]) -> tuple[str, ...]:
         OVDError: empty vocabulary, a non-string or blank name, or names that are equal after
             ``strip().lower()`` (all duplicates are named).
     """
-    if isinstance(class_names, str):
-        raise OVDError("class names must be a sequence of names, not one string", field="class_names")
-    names = tuple(class_names)
-    if not names:
-        raise OVDError("the vocabulary is empty", field="class_names")
+    names = _non_empty_tuple(class_names, "class_names", "a sequence of names", "the vocabulary is empty")
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise OVDError(f"class name {i} is empty or not a string: {name!r}", field=f"class_names[{i}]")
@@ -77,11 +84,7 @@ def validate_vocabulary(class_names: Sequence[str]) -> tuple[str, ...]:
 
 def validate_templates(templates: Sequence[str]) -> tuple[str, ...]:
     """Check prompt templates: a non-empty sequence of strings that each contain ``{}``."""
-    if isinstance(templates, str):
-        raise OVDError("templates must be a sequence of strings, not one string", field="templates")
-    out = tuple(templates)
-    if not out:
-        raise OVDError("no prompt templates given", field="templates")
+    out = _non_empty_tuple(templates, "templates", "a sequence of strings", "no prompt templates given")
     for i, t in enumerate(out):
         if not isinstance(t, str) or "{}" not in t:
             raise OVDError(f"template {t!r} has no '{{}}' placeholder for the class name", field=f"templates[{i}]")

@@ -290,15 +290,9 @@ def generate_ovshapes_lt(
 ) -> Path:
     """Generate an OV-Shapes-LT world under ``root/ovshapes_lt/<preset.name>/`` (skipped when complete).
 
-    Args:
-        root: datasets root; ``None`` means :func:`ovd.data.catalog.datasets_root`.
-        preset: a name in :data:`PRESETS` or an :class:`OVShapesLTPreset`.
-        seed: non-negative seed; the same seed gives byte-identical files.
-        workers: processes used to draw images (default: up to 2); the output does not depend on it.
-        overwrite: regenerate a complete folder made with other settings instead of raising.
-
-    Returns:
-        The world's folder.
+    ``preset`` is a name in :data:`PRESETS` or an :class:`OVShapesLTPreset`; ``root``, ``seed``, ``workers``
+    and ``overwrite`` mean what they mean for :func:`ovd.data.ovshapes.generate_ovshapes`. Returns the
+    world's folder.
 
     Raises:
         OVDError: unknown preset, negative seed, a complete folder made with other settings (without

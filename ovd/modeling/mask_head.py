@@ -33,6 +33,23 @@ UPSAMPLE = 2
 """The transposed convolution's stride: predicted masks are ``UPSAMPLE × S`` pixels wide."""
 
 
+def fpn_pooler(
+    resolution: int, sampling_ratio: int, min_level: int, canonical_box_size: int, canonical_level: int, aligned: bool
+) -> MultiScaleRoIAlign:
+    """The box and mask heads' RoIAlign over ``p{min_level}``–``p5``.
+
+    A box of side ``canonical_box_size`` is pooled from level ``canonical_level`` (FPN paper, eq. 1).
+    """
+    return MultiScaleRoIAlign(
+        [f"p{k}" for k in range(min_level, 6)],
+        resolution,
+        sampling_ratio,
+        canonical_scale=canonical_box_size,
+        canonical_level=canonical_level,
+        aligned=aligned,
+    )
+
+
 class MaskHead(nn.Module):
     """FPN RoIAlign → convs → 2× deconv → one mask logit map per region: ``Tensor[R, 1, M, M]``.
 
@@ -59,14 +76,7 @@ class MaskHead(nn.Module):
         aligned: bool = False,
     ) -> None:
         super().__init__()
-        self.pooler = MultiScaleRoIAlign(
-            [f"p{k}" for k in range(min_level, 6)],
-            resolution,
-            sampling_ratio,
-            canonical_scale=canonical_box_size,
-            canonical_level=canonical_level,
-            aligned=aligned,
-        )
+        self.pooler = fpn_pooler(resolution, sampling_ratio, min_level, canonical_box_size, canonical_level, aligned)
         self.resolution = resolution
         layers: list[nn.Module] = []
         dim = in_channels

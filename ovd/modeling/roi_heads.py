@@ -28,8 +28,8 @@ from ovd.losses import (
     sigmoid_ce_loss,
 )
 from ovd.modeling.classifier import ZeroShotClassifier, at_least_float32
-from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
-from ovd.modeling.roi_align import MultiScaleRoIAlign, RoIAlign
+from ovd.modeling.mask_head import MaskHead, fpn_pooler, mask_loss, mask_targets
+from ovd.modeling.roi_align import RoIAlign
 from ovd.structures import Detections
 
 # detectron2's clamp on predicted log-scale deltas (Box2BoxTransform._DEFAULT_SCALE_CLAMP).
@@ -66,15 +66,7 @@ class FPNRegionFeatures(nn.Module):
         aligned: bool = False,
     ) -> None:
         super().__init__()
-        # a box of side canonical_box_size is pooled from level canonical_level (FPN paper, eq. 1)
-        self.pooler = MultiScaleRoIAlign(
-            [f"p{k}" for k in range(min_level, 6)],
-            resolution,
-            sampling_ratio,
-            canonical_scale=canonical_box_size,
-            canonical_level=canonical_level,
-            aligned=aligned,
-        )
+        self.pooler = fpn_pooler(resolution, sampling_ratio, min_level, canonical_box_size, canonical_level, aligned)
         layers: list[nn.Module] = [nn.Flatten()]
         dim = in_channels * resolution * resolution
         for _ in range(num_fc):

@@ -69,6 +69,25 @@ def _finish(tmp: str, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _replace_or_discard(tmp: str, path: Path) -> Iterator[None]:
+    """Move ``tmp`` onto ``path`` when the body succeeds; otherwise delete ``tmp`` and re-raise.
+
+    Raises:
+        DiskFullError: the disk filled up (``ENOSPC``/``EDQUOT``), naming ``path``.
+    """
+    try:
+        yield
+        _finish(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        full = _disk_full(e, path)
+        if full is not None:
+            raise full from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
 
@@ -78,17 +97,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        _finish(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        full = _disk_full(e, path)
-        if full is not None:
-            raise full from e
-        raise
+    with _replace_or_discard(tmp, path), os.fdopen(fd, mode) as f:
+        yield f
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) -> None:
@@ -105,16 +115,8 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
-    try:
+    with _replace_or_discard(tmp, path):
         writer(tmp)
-        _finish(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        full = _disk_full(e, path)
-        if full is not None:
-            raise full from e
-        raise
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
