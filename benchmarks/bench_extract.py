@@ -36,7 +36,7 @@ from machine import emit_report, header, row, table_header  # benchmarks/ (scrip
 from timing import Stopwatch, sample
 
 from ovd.clip import create_clip
-from ovd.distill import FileProposals, RegionStore, extract_region_embeddings, write_region_store
+from ovd.distill import ExtractionCfg, FileProposals, RegionStore, extract_region_embeddings, write_region_store
 from ovd.structures import ImageRecord
 
 
@@ -108,7 +108,7 @@ def _sync(device: torch.device) -> None:
 def crop_kernels_only(clip, records, store: RegionStore, args, dtype: torch.dtype) -> float:
     """Seconds that the batched backend's crop kernels alone take for all regions of ``records``, on
     image batches already on the device (tasks of ``batch_size / 10`` images, as the extraction)."""
-    from ovd.distill.extract import CropPreprocess, batched_crop_resize, crop_rects, pad_stack
+    from ovd.distill.crops import CropPreprocess, batched_crop_resize, crop_rects, pad_stack
 
     prep = CropPreprocess.from_clip(clip)
     per_task = max(1, args.batch_size // 10)
@@ -152,11 +152,12 @@ def bench_model(name, records, props, work: Path, args) -> list[dict]:
         out = work / f"store_{name}_{backend.replace(':', '_')}"
         shutil.rmtree(out, ignore_errors=True)
         with Stopwatch() as w:
-            extract_region_embeddings(
-                records, source, clip, out, batch_size=args.batch_size, num_workers=args.workers,
-                chunk_size=args.chunk_size, progress=False, resize_backend=resize, host_ring="queue" not in opts,
+            options = ExtractionCfg(
+                batch_size=args.batch_size, num_workers=args.workers, chunk_size=args.chunk_size,
+                resize_backend=resize, host_ring="queue" not in opts,
                 crop_dtype=next((o for o in opts if o.startswith("float")), "auto"),
             )  # fmt: skip
+            extract_region_embeddings(records, source, clip, out, options, progress=False)
         ours[backend] = (w.s, RegionStore.open(out))
     store = ours[args.backends[0]][1]
     regions = store.metadata["num_regions"]
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("ovd.distill.extract").setLevel(logging.INFO)  # waiting time, decode buffers
+    for name in ("ovd.distill.extract", "ovd.distill.extract_io"):  # waiting time, decode buffers, shared memory
+        logging.getLogger(name).setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     total = Stopwatch()
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:

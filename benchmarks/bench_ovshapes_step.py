@@ -29,7 +29,8 @@ from machine import emit_report, header, row, table_header  # benchmarks/ (scrip
 from timing import timed_interleaved
 
 from ovd.config import load_config
-from ovd.engine.trainer import _build_loader, _train_sources, amp_dtype, build_optimizer
+from ovd.engine.sources import build_source_loader, train_sources
+from ovd.engine.trainer import amp_dtype, build_optimizer
 from ovd.modeling.build import build_model
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "ovshapes" / "base.yaml"
@@ -55,7 +56,7 @@ def detector_steps(overrides: list[str], num_batches: int):
     torch.manual_seed(0)
     model = build_model(cfg, class_embeddings=torch.nn.functional.normalize(torch.randn(16, 64), dim=1)).train()
     optimizer = build_optimizer(cfg.solver, model)
-    loader = _build_loader(cfg, _train_sources(cfg, 1), 0)
+    loader = build_source_loader(cfg, train_sources(cfg, 1), 0)
     batches = list(itertools.islice(iter(loader), num_batches))
     padded = []
     for batch in batches:
@@ -80,7 +81,7 @@ def detector_steps(overrides: list[str], num_batches: int):
 def teacher_step(after: bool):
     """(A closure running 5 teacher training steps, 5)."""
     from ovd.clip import create_clip
-    from ovd.clip.teacher import TeacherConfig, _param_groups, augment, contrastive_loss, normalize
+    from ovd.clip.teacher import TeacherConfig, augment, contrastive_loss, normalize, param_groups
 
     cfg = TeacherConfig()
     torch.manual_seed(0)
@@ -88,7 +89,7 @@ def teacher_step(after: bool):
     model = clip.model.train()
     if after:
         model.visual.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=after)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=after)
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (cfg.batch_size, 32, 32, 3), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 16, (cfg.batch_size,), generator=gen)

@@ -105,7 +105,7 @@ def learning_rate(step: int, cfg: TeacherConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """open_clip's split: no decay on gains, biases, norms and the logit scale."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -216,7 +216,7 @@ def train_teacher(cfg: TeacherConfig, output: Path, *, progress: bool = True, wo
         model.logit_scale.fill_(math.log(1.0 / cfg.temperature_init))
     # fused: one kernel for all parameters (the per-tensor loop was ~20 % of a one-thread step, most
     # of it on the 3.2M-parameter token embedding); same update rule, different float rounding
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=True)
     pixels = torch.from_numpy(images)  # (N, H, W, 3) uint8
     labels_t = torch.from_numpy(labels)  # (N,)
     tokens = clip.tokenizer(captions)  # (N, L)

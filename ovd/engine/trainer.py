@@ -48,9 +48,6 @@ _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 _TARGET_KEYS = ("boxes", "labels", "pos_labels", "masks", "distill_boxes", "distill_embeddings", "distill_weights")
 
 
-# the names these had before they moved to ovd.engine.sources (benchmarks/bench_ovshapes_step.py imports them)
-_build_loader, _train_sources = build_source_loader, train_sources
-
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
