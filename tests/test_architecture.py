@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -92,3 +93,18 @@ def test_private_import_check_can_fail(tmp_path: Path) -> None:
     (pkg / "b.py").write_text("from ovd.a import _x\nfrom .a import _x as y\n")
     modules = {"ovd.a": pkg / "a.py", "ovd.b": pkg / "b.py"}
     assert _private_imports(modules) == {("ovd.b", "ovd.a", "_x")}
+
+
+def _layered_modules(contract: str) -> set[str]:
+    """The modules named in the layers contract's ``layers =`` block."""
+    block = contract.split("layers =", 1)[1].split("\n\n", 1)[0].split("unmatched_ignore_imports_alerting")[0]
+    return {name.strip("() ") for line in block.splitlines() for name in re.split(r"[:|]", line) if name.strip()}
+
+
+def test_every_top_level_module_has_a_floor() -> None:
+    # a module missing from the layers contract would escape the import rules unnoticed
+    top = {f"ovd.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    top |= {f"ovd.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    layered = _layered_modules(CONTRACT.read_text())
+    assert top - layered == set(), f"add these to .importlinter's layers: {sorted(top - layered)}"
+    assert "ovd.runtime" in layered and "ovd.prepare" in layered  # the parser reads the real block
