@@ -12,6 +12,7 @@ from ovd.modeling.backbone import C4_STRIDE, build_resnet50_c4, build_resnet_fpn
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.modeling.detector import OpenVocabDetector
 from ovd.modeling.mask_head import MaskHead
+from ovd.modeling.roi_align import MultiScaleRoIAlign, fpn_pooler
 from ovd.modeling.roi_heads import (
     AgnosticBoxRegressor,
     C4RegionFeatures,
@@ -60,15 +61,7 @@ def _backbone_and_region_features(cfg: Config) -> tuple[nn.Module, nn.Module, in
             f"unknown backbone {b.name!r}; choose one of {', '.join(BACKBONES)}", field="model.backbone.name"
         )
     region = FPNRegionFeatures(
-        in_channels=b.fpn_channels,
-        resolution=r.pooler_resolution,
-        sampling_ratio=r.pooler_sampling_ratio,
-        fc_dim=r.fc_dim,
-        num_fc=r.num_fc,
-        min_level=b.fpn_min_level,
-        canonical_box_size=r.canonical_box_size,
-        canonical_level=r.canonical_level,
-        aligned=r.fpn_pooler_aligned,
+        pooler=_fpn_pooler(cfg, r.pooler_resolution), in_channels=b.fpn_channels, fc_dim=r.fc_dim, num_fc=r.num_fc
     )
     return backbone, region, b.fpn_channels, r.fc_dim
 
@@ -79,6 +72,19 @@ def _level_strides(cfg: Config) -> list[int]:
     if b.name == "resnet50_c4":
         return [C4_STRIDE]
     return [2**k for k in range(b.fpn_min_level, 7)]
+
+
+def _fpn_pooler(cfg: Config, resolution: int) -> MultiScaleRoIAlign:
+    """The RoIAlign over the FPN levels, with ``model.roi_heads``' level mapping (box and mask heads alike)."""
+    r = cfg.model.roi_heads
+    return fpn_pooler(
+        resolution,
+        r.pooler_sampling_ratio,
+        min_level=cfg.model.backbone.fpn_min_level,
+        canonical_box_size=r.canonical_box_size,
+        canonical_level=r.canonical_level,
+        aligned=r.fpn_pooler_aligned,
+    )
 
 
 def _mask_head(cfg: Config) -> MaskHead | None:
@@ -92,15 +98,10 @@ def _mask_head(cfg: Config) -> MaskHead | None:
             field="model.mask.enabled",
         )
     return MaskHead(
+        pooler=_fpn_pooler(cfg, mk.pooler_resolution),
         in_channels=b.fpn_channels,
-        resolution=mk.pooler_resolution,
-        sampling_ratio=cfg.model.roi_heads.pooler_sampling_ratio,
         num_conv=mk.num_conv,
         conv_dim=mk.conv_dim,
-        min_level=b.fpn_min_level,
-        canonical_box_size=cfg.model.roi_heads.canonical_box_size,
-        canonical_level=cfg.model.roi_heads.canonical_level,
-        aligned=cfg.model.roi_heads.fpn_pooler_aligned,
     )
 
 

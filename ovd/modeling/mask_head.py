@@ -33,51 +33,28 @@ UPSAMPLE = 2
 """The transposed convolution's stride: predicted masks are ``UPSAMPLE × S`` pixels wide."""
 
 
-def fpn_pooler(
-    resolution: int, sampling_ratio: int, min_level: int, canonical_box_size: int, canonical_level: int, aligned: bool
-) -> MultiScaleRoIAlign:
-    """The box and mask heads' RoIAlign over ``p{min_level}``–``p5``.
-
-    A box of side ``canonical_box_size`` is pooled from level ``canonical_level`` (FPN paper, eq. 1).
-    """
-    return MultiScaleRoIAlign(
-        [f"p{k}" for k in range(min_level, 6)],
-        resolution,
-        sampling_ratio,
-        canonical_scale=canonical_box_size,
-        canonical_level=canonical_level,
-        aligned=aligned,
-    )
-
-
 class MaskHead(nn.Module):
     """FPN RoIAlign → convs → 2× deconv → one mask logit map per region: ``Tensor[R, 1, M, M]``.
 
     Args:
+        pooler: the RoIAlign over the FPN levels (:func:`ovd.modeling.roi_align.fpn_pooler`); its output size
+            is ``S`` (14 in the reference).
         in_channels: FPN channels ``Ch``.
-        resolution: RoIAlign output size ``S`` (14 in the reference).
-        sampling_ratio: RoIAlign sampling points per bin (0 = adaptive).
         num_conv: 3×3 conv + ReLU layers.
         conv_dim: their channels, and the deconvolution's.
-        min_level: finest FPN level pooled (``p{min_level}``–``p5``), as the box pooler.
     """
 
     def __init__(
         self,
         *,
+        pooler: MultiScaleRoIAlign,
         in_channels: int,
-        resolution: int,
-        sampling_ratio: int,
         num_conv: int,
         conv_dim: int,
-        min_level: int = 2,
-        canonical_box_size: int = 224,
-        canonical_level: int = 4,
-        aligned: bool = False,
     ) -> None:
         super().__init__()
-        self.pooler = fpn_pooler(resolution, sampling_ratio, min_level, canonical_box_size, canonical_level, aligned)
-        self.resolution = resolution
+        self.pooler = pooler
+        self.resolution = pooler.output_size[0]  # S
         layers: list[nn.Module] = []
         dim = in_channels
         for _ in range(num_conv):

@@ -208,3 +208,26 @@ class RoIAlign(torch.nn.Module):
     def forward(self, features: Tensor, boxes: Tensor | list[Tensor]) -> Tensor:
         rois = _convert_to_roi_format(boxes) if isinstance(boxes, list) else boxes
         return roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+
+def fpn_pooler(
+    resolution: int,
+    sampling_ratio: int,
+    *,
+    min_level: int = 2,
+    canonical_box_size: int = 224,
+    canonical_level: int = 4,
+    aligned: bool = False,
+) -> MultiScaleRoIAlign:
+    """The box and mask heads' RoIAlign over ``p{min_level}``–``p5``: ``Tensor[R, Ch, S, S]``, ``S = resolution``.
+
+    A box of side ``canonical_box_size`` is pooled from level ``canonical_level`` (FPN paper, eq. 1).
+    """
+    return MultiScaleRoIAlign(
+        [f"p{k}" for k in range(min_level, 6)],
+        resolution,
+        sampling_ratio,
+        canonical_scale=canonical_box_size,
+        canonical_level=canonical_level,
+        aligned=aligned,
+    )

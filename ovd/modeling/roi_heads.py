@@ -28,8 +28,8 @@ from ovd.losses import (
     sigmoid_ce_loss,
 )
 from ovd.modeling.classifier import ZeroShotClassifier, at_least_float32
-from ovd.modeling.mask_head import MaskHead, fpn_pooler, mask_loss, mask_targets
-from ovd.modeling.roi_align import RoIAlign
+from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
+from ovd.modeling.roi_align import MultiScaleRoIAlign, RoIAlign
 from ovd.structures import Detections
 
 # detectron2's clamp on predicted log-scale deltas (Box2BoxTransform._DEFAULT_SCALE_CLAMP).
@@ -55,20 +55,16 @@ class FPNRegionFeatures(nn.Module):
     def __init__(
         self,
         *,
+        pooler: MultiScaleRoIAlign,
         in_channels: int,
-        resolution: int,
-        sampling_ratio: int,
         fc_dim: int,
         num_fc: int,
-        min_level: int = 2,
-        canonical_box_size: int = 224,
-        canonical_level: int = 4,
-        aligned: bool = False,
     ) -> None:
         super().__init__()
-        self.pooler = fpn_pooler(resolution, sampling_ratio, min_level, canonical_box_size, canonical_level, aligned)
+        self.pooler = pooler  # (R, Ch, S, S): ovd.modeling.roi_align.fpn_pooler
+        side = pooler.output_size[0]
         layers: list[nn.Module] = [nn.Flatten()]
-        dim = in_channels * resolution * resolution
+        dim = in_channels * side * side
         for _ in range(num_fc):
             fc = nn.Linear(dim, fc_dim)
             nn.init.kaiming_uniform_(fc.weight, a=1)  # detectron2 c2_xavier_fill

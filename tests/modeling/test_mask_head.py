@@ -14,6 +14,7 @@ from ovd.engine.trainer import train
 from ovd.errors import OVDError
 from ovd.modeling.build import build_model
 from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets, paste_masks
+from ovd.modeling.roi_align import fpn_pooler
 from ovd.structures import Detections
 
 REPO = Path(__file__).parents[2]
@@ -26,8 +27,8 @@ def _features(channels: int = 8, size: int = 64, min_level: int = 3) -> dict[str
     return {f"p{k}": torch.randn(2, channels, size >> k, size >> k) for k in range(min_level, 7)}
 
 
-def _head(**kw) -> MaskHead:
-    args = dict(in_channels=8, resolution=7, sampling_ratio=0, num_conv=2, conv_dim=16, min_level=3) | kw
+def _head(resolution: int = 7, **kw) -> MaskHead:
+    args = dict(pooler=fpn_pooler(resolution, 0, min_level=3), in_channels=8, num_conv=2, conv_dim=16) | kw
     return MaskHead(**args)
 
 
