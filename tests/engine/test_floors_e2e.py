@@ -1,13 +1,14 @@
 """Floors and ceilings of the end-to-end numbers (issue #18): the box-only baseline overfits the easy
 OV-Shapes world (``tests/easy_world.py``: 8 images, 2-4 large separated shapes, no clutter) to a plateau
 and is scored on the same images. A working pipeline reaches a base AP50 that a broken one cannot (the
-controls below land near 0), and, trained on base boxes only, it must not detect the novel classes.
+controls below land far under it), and, trained on base boxes only, it must not detect the novel classes.
 
-Measured (``solver.max_iter=200``; seeds 0, 1, 2 × 1 and 2 torch threads; see the lead's report of
-issue #18 for the commands): base AP50 96.7-100 at the end, the plateau (> 95) reached between
-iterations 140 and 180; novel AP50 0.0-0.1 at the end (at most 21 along the way: one lucky box among
-6 novel ones is worth 16.7). Broken controls: the classifier's columns scored in a rotated order
-and an untrained model (learning rate 0) give base AP50 0-2.
+Measured with ``solver.max_iter=200`` over seeds 0, 1, 2 at 1 torch thread (and 2 threads, see the
+report of issue #18 for the commands and the full table): base AP50 95.9-100 at the end, the plateau
+(> 95) reached between iterations 140 and 180; novel AP50 0.0-1.0 at the end (at most 21 along the
+way: one lucky box among the 6 novel ones is worth 16.7). Broken controls, on the same checkpoints:
+the classifier's columns scored in a rotated base-class order give base AP50 5.5-24.4; an untrained
+model (learning rate 0) 0.0-0.7.
 """
 
 from importlib import util
@@ -19,8 +20,8 @@ from ovd.config import load_config
 from ovd.engine.trainer import evaluate_checkpoint, train
 
 REPO = Path(__file__).parents[2]
-BASE_FLOOR = 50.0  # a working run: >= 96.7 (plateau); broken controls: <= 2
-NOVEL_CEILING = 30.0  # a base-only run: <= 0.1 at the end, <= 21 at any evaluation along the way
+BASE_FLOOR = 50.0  # a working run: >= 95.9 (plateau); broken controls: <= 24.4
+NOVEL_CEILING = 30.0  # a base-only run: <= 1.0 at the end, <= 21 at any evaluation along the way
 ITERATIONS = 200  # the plateau starts at 140-180 (all seeds and thread counts measured)
 
 
@@ -70,7 +71,7 @@ def test_broken_controls_stay_below_the_floor(easy, tmp_path):
     register_dataset(replace(info, name="ovshapes_easy_rotated", category_ids=tuple(ids)), overwrite=True)
     cfg = load_config(REPO / "configs/ovshapes/base.yaml", [*overrides, "data.test=ovshapes_easy_rotated"])
     rotated = evaluate_checkpoint(cfg, str(out / "model_final.pth"), tmp_path / "rotated")
-    assert rotated["AP50_base"] < BASE_FLOOR, rotated  # measured 1.2-5.5
+    assert rotated["AP50_base"] < BASE_FLOOR, rotated  # measured 5.5-24.4
     lr0 = load_config(REPO / "configs/ovshapes/base.yaml", [*overrides, "solver.max_iter=2", "solver.base_lr=0"])
     frozen = train(lr0, tmp_path / "lr0")
-    assert frozen["AP50_base"] < BASE_FLOOR, frozen  # measured 0.0
+    assert frozen["AP50_base"] < BASE_FLOOR, frozen  # measured 0.0-0.7
