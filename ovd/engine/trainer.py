@@ -272,11 +272,15 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         if step % solver.checkpoint_period == 0 or step == solver.max_iter:
             save(step)
         if cfg.test.eval_period and step % cfg.test.eval_period == 0 and step != solver.max_iter and cfg.data.test:
+            # a mid-run evaluation must not change the run (test.eval_period is result-neutral): its data
+            # loader draws from the global generator, so the random state is put back afterwards
+            rng = _rng_state()
             _log_metrics(
                 writer,
                 evaluate(_unwrap(model), get_dataset(cfg.data.test), cfg, out / f"eval_{step:07d}"),
                 step,
             )
+            _set_rng_state(rng)
             model.train()
     bar.close()
     metrics: dict[str, Any] = {}

@@ -64,6 +64,12 @@ def test_resume_is_exact(tmp_path):
     b = load_checkpoint(split / "model_final.pth")["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # a mid-run evaluation (test.eval_period, result-neutral in the fingerprint) leaves the weights bit-equal
+    evaluated = tmp_path / "evaluated"
+    train(_cfg("solver.max_iter=4", "test.eval_period=2"), evaluated)
+    assert (evaluated / "eval_0000002" / "metrics.json").is_file()
+    c = load_checkpoint(evaluated / "model_final.pth")["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_amp_dtype_choice(caplog):
