@@ -108,3 +108,44 @@ def test_every_top_level_module_has_a_floor() -> None:
     layered = _layered_modules(CONTRACT.read_text())
     assert top - layered == set(), f"add these to .importlinter's layers: {sorted(top - layered)}"
     assert "ovd.runtime" in layered and "ovd.prepare" in layered  # the parser reads the real block
+
+
+BLOCK_LINES = 6  # a run of this many identical code lines in two places of ovd/ is a repeated block
+
+
+def _code_lines(source: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the lines that count: not blank, not comments, not imports."""
+    skip: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            skip.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    out = []
+    for number, line in enumerate(source.splitlines(), 1):
+        text = line.strip()
+        if text and not text.startswith("#") and number not in skip:
+            out.append((number, text))
+    return out
+
+
+def _repeated_blocks(files: dict[str, str]) -> list[list[tuple[str, int]]]:
+    seen: dict[tuple[str, ...], list[tuple[str, int]]] = {}
+    for name, source in files.items():
+        lines = _code_lines(source)
+        for k in range(len(lines) - BLOCK_LINES + 1):
+            block = tuple(text for _, text in lines[k : k + BLOCK_LINES])
+            seen.setdefault(block, []).append((name, lines[k][0]))
+    return [places for places in seen.values() if len(places) > 1]
+
+
+def test_no_repeated_blocks() -> None:
+    files = {str(p.relative_to(ROOT)): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
+    repeated = _repeated_blocks(files)
+    assert not repeated, f"{BLOCK_LINES}-line blocks written twice (file, first line): {repeated[:5]}"
+
+
+def test_repeated_block_check_can_fail() -> None:
+    body = "".join(f"    x{i} = f({i})\n" for i in range(BLOCK_LINES))
+    files = {"a.py": f"import os\nimport sys\n\ndef a():\n{body}", "b.py": f"import os\nimport sys\n\ndef b():\n{body}"}
+    assert _repeated_blocks(files) == [[("a.py", 5), ("b.py", 5)]]
+    files["b.py"] = files["b.py"].replace("f(3)", "g(3)")  # one line differs: no longer a repeat
+    assert _repeated_blocks(files) == []
