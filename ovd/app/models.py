@@ -10,6 +10,7 @@ concurrent requests never see each other's vocabulary or threshold.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -78,9 +79,23 @@ def model_sources(
     return sources
 
 
+def recorded_score(checkpoint: Path) -> float | None:
+    """The headline number of the evaluation beside a checkpoint (``eval/metrics.json``: OV-COCO
+    ``AP50_all``, LVIS box ``AP``), or None when there is none or it cannot be read."""
+    try:
+        metrics = json.loads((checkpoint.parent / "eval" / "metrics.json").read_text())
+        value = metrics["AP50_all"] if "AP50_all" in metrics else metrics["bbox"]["AP"]
+        return float(value)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def discover_checkpoints(pattern: str = DEFAULT_CHECKPOINT_GLOB, root: str | os.PathLike[str] = ".") -> list[Path]:
-    """The checkpoints matching ``pattern`` under ``root``, sorted by path."""
-    return sorted(Path(root).glob(pattern))
+    """The checkpoints matching ``pattern`` under ``root``, best first: by the score their run recorded
+    (:func:`recorded_score`; so the page opens on the full method of the README's pipeline, not on its
+    baseline), then the unscored ones; ties by path."""
+    found = [(recorded_score(p), p) for p in sorted(Path(root).glob(pattern))]
+    return [p for score, p in sorted(found, key=lambda sp: (sp[0] is None, -(sp[0] or 0.0), str(sp[1])))]
 
 
 @dataclass

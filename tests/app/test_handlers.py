@@ -198,11 +198,25 @@ def test_model_sources_and_discovery(tmp_path, tiny_checkpoint):
     for stage in ("rkd", "base"):
         (runs / stage).mkdir(parents=True)
         (runs / stage / "model_final.pth").write_bytes(b"x")
-    found = discover_checkpoints(root=tmp_path)
+    found = discover_checkpoints(root=tmp_path)  # no evaluation recorded: by path
     assert found == [
         tmp_path / "output/ovshapes/base/model_final.pth",
         tmp_path / "output/ovshapes/rkd/model_final.pth",
     ]
+    # the best recorded run comes first (the page's default model); a broken metrics.json counts as none
+    for stage, text in (
+        ("rkd", '{"AP50_all": 66.9}'),
+        ("base", '{"AP50_all": 38.7}'),
+        ("lvis", '{"bbox": {"AP": 70}}'),
+    ):
+        (runs / stage / "eval").mkdir(parents=True, exist_ok=True)
+        (runs / stage / "eval" / "metrics.json").write_text(text)
+    (runs / "lvis" / "model_final.pth").write_bytes(b"x")
+    (runs / "broken" / "eval").mkdir(parents=True)
+    (runs / "broken" / "eval" / "metrics.json").write_text("{not json")
+    (runs / "broken" / "model_final.pth").write_bytes(b"x")
+    ranked = [p.parent.name for p in discover_checkpoints(root=tmp_path)]
+    assert ranked == ["lvis", "rkd", "base", "broken"]
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"x")
     sources = model_sources([*found, found[0]], [onnx])
