@@ -55,6 +55,7 @@ def main() -> int:
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
     p.add_argument("--output", default="", help="markdown file to write")
+    p.add_argument("--note", default="", help="a line saying what the two runs are (e.g. their commits)")
     args = p.parse_args()
     stages = sorted(
         d.name
@@ -64,7 +65,8 @@ def main() -> int:
     if not stages:
         print(f"no stage with eval/metrics.json in both {args.before} and {args.after}", file=sys.stderr)
         return 2
-    lines = header("Identical results before and after", f"{args.before} vs {args.after}")
+    details = f"{args.before} vs {args.after}" + (f": {args.note}" if args.note else "")
+    lines = header("Identical results before and after", details)
     lines += table_header(
         ["stage", "AP50 novel / base / all", "numbers", "differing", "tensors", "differing"], "lrrrrr"
     )
