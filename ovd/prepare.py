@@ -213,7 +213,7 @@ def ensure_store(plan: StorePlan, regions: RegionsCfg, cfg: Config, proposals: P
     from ovd.distill.extract import extract_region_embeddings
     from ovd.distill.proposals import build_proposal_source
     from ovd.distill.store import store_is_complete
-    from ovd.engine.distributed import local_device
+    from ovd.runtime.device import local_device
 
     if not regions.proposals:
         raise OVDError("a stage distils regions but the pipeline names no proposal source", field="regions.proposals")

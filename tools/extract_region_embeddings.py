@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"region store: {merge_store(args.output)}")
         return 0
     from ovd.clip import create_clip
-    from ovd.engine.distributed import local_device
     from ovd.prepare import union_records
+    from ovd.runtime.device import local_device
 
     records, name = union_records(args.dataset)
     device = local_device(args.device)

@@ -23,17 +23,13 @@ from ovd.data.bad_images import first_readable
 from ovd.data.sampling import (
     GroupedBatchSampler,
     InferenceSampler,
-    aspect_groups,
-    group_into_batches,
-    sample_seed,
-    shard_range,
     short_side_rng,
 )
 from ovd.data.transforms import ResizeFlipAugmentation, TransformParams
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
 
-__all__ = [  # the last four are re-exported from ovd.data.sampling (data.multi_source, distill.store use them)
+__all__ = [
     "MASK_BINARIZE_THRESHOLD",
     "MIN_BOX_SIDE_PX",
     "DetectionDataset",
@@ -47,10 +43,6 @@ __all__ = [  # the last four are re-exported from ovd.data.sampling (data.multi_
     "read_image_rgb",
     "read_record_image",
     "seed_worker",
-    "aspect_groups",
-    "group_into_batches",
-    "sample_seed",
-    "shard_range",
 ]
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from ovd.data.loader import aspect_groups, group_into_batches, sample_seed
+from ovd.data.sampling import aspect_groups, group_into_batches, sample_seed
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
 

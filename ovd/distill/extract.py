@@ -13,10 +13,11 @@ of many images share one ``encode_images`` call, and every failure raises. Three
   ``clip.preprocess`` does to a tensor crop;
 * ``"batched"``: the workers decode a task's images into one slot of shared decode buffers
   (:class:`~ovd.distill.extract_io.HostRing`, page-locked on a GPU); on the CLIP's device every crop's
-  crop + resize + centre crop is two batched matrix products for the whole task (:func:`batched_crop_resize`,
-  :func:`resize_weights`): a fixed number of kernels per task instead of several per crop, and no
-  host-device synchronisation. Same numbers as ``"tensor"`` up to float rounding in float32; the GPU
-  default, float16 products, moves ~5 % of pixels by one intensity level.
+  crop + resize + centre crop is two batched matrix products for the whole task
+  (:func:`~ovd.distill.crops.batched_crop_resize`, :func:`~ovd.distill.crops.resize_weights`): a fixed
+  number of kernels per task instead of several per crop, and no host-device synchronisation. Same numbers
+  as ``"tensor"`` up to float rounding in float32; the GPU default, float16 products, moves ~5 % of pixels by
+  one intensity level.
 
 Cheap proposals (a file) are selected chunk by chunk while earlier chunks are encoded, and the CLIP
 weights are hashed (for the metadata) in a background thread: nothing serial precedes the first crop.
@@ -55,7 +56,7 @@ from tqdm import tqdm
 
 from ovd.clip.model import ClipBundle
 from ovd.config import CROP_DTYPES, RESIZE_BACKENDS, ExtractionCfg
-from ovd.distill.crops import CropPreprocess, batched_crop_resize, crop_box_pixels, crop_rects, pad_stack
+from ovd.distill.crops import CropPreprocess
 from ovd.distill.extract_io import (
     WORKER_MODE,
     Chunk,
@@ -86,16 +87,7 @@ from ovd.distill.store import (
 from ovd.errors import OVDError
 from ovd.structures import ImageRecord
 
-__all__ = [  # with the crop kernels and host buffers that benchmarks and tests reach through this module
-    "CropEncoder",
-    "CropPreprocess",
-    "batched_crop_resize",
-    "crop_box_pixels",
-    "crop_rects",
-    "extract_region_embeddings",
-    "pad_stack",
-    "weights_sha256",
-]
+__all__ = ["CropEncoder", "extract_region_embeddings", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 

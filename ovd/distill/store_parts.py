@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ovd.data.loader import shard_range
+from ovd.data.sampling import shard_range
 from ovd.distill.store_format import (
     ARRAY_FILES,
     LOCK_FILE,

@@ -1,7 +1,5 @@
-"""Thin helpers over ``torch.distributed`` for runs launched with ``torchrun``.
-
-``local_device`` lives in :mod:`ovd.runtime.device` (below ``engine``); it is re-exported here.
-"""
+"""Thin helpers over ``torch.distributed`` for runs launched with ``torchrun`` (this rank's device:
+:func:`ovd.runtime.device.local_device`)."""
 
 from __future__ import annotations
 
@@ -11,15 +9,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ovd.runtime.device import local_device
-
 __all__ = [
     "all_gather_objects",
     "get_rank",
     "get_world_size",
     "init_distributed",
     "is_main_process",
-    "local_device",
     "reduce_mean",
     "synchronize",
 ]

@@ -40,6 +40,7 @@ from ovd.errors import OVDError
 from ovd.modeling.build import WEIGHT_TRANSFER_NEW_KEYS, build_model
 from ovd.modeling.detector import OpenVocabDetector
 from ovd.runtime.detector import load_trained_detector
+from ovd.runtime.device import local_device
 from ovd.utils.lock import holds_output_lock
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
             or ``resume`` finds a checkpoint trained with other result-changing config fields.
     """
     register_custom_datasets(cfg.data.custom)
-    device = dist.local_device(cfg.device)
+    device = local_device(cfg.device)
     dist.init_distributed(device)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -320,7 +321,7 @@ def _log_metrics(writer: SummaryWriter | None, metrics: dict[str, Any], step: in
 def evaluate_checkpoint(cfg: Config, weights: str, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``--eval-only``: load ``weights`` into the model of ``cfg`` and evaluate on ``data.test``."""
     register_custom_datasets(cfg.data.custom)
-    device = dist.local_device(cfg.device)
+    device = local_device(cfg.device)
     dist.init_distributed(device)
     out = Path(output_dir)
     info = get_dataset(cfg.data.test)
