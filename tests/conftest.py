@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules."""
 
+from importlib import util
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,12 @@ def tiny_checkpoint(tmp_path_factory):
         assert len(images) == 3
         yield out / "model_final.pth", images
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def easy_world():
+    """``tests/easy_world.py`` as a module: the easy OV-Shapes worlds of the end-to-end floor tests."""
+    spec = util.spec_from_file_location("easy_world", Path(__file__).parent / "easy_world.py")
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

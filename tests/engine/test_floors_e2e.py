@@ -11,7 +11,6 @@ controls on these checkpoints (and the test's own): the classifier's columns sco
 base AP50 5.5-24.4; an untrained model (learning rate 0, seeds 0-2) 0.0-0.7.
 """
 
-from importlib import util
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,10 @@ NOVEL_CEILING = 30.0  # a base-only run: <= 1.3 at the end, <= 21.4 at any evalu
 ITERATIONS = 200  # every measured run is above the floor from iteration 140 on, > 95 from 180 on
 
 
-def _easy_world():
-    spec = util.spec_from_file_location("easy_world", Path(__file__).parents[1] / "easy_world.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def easy(tmp_path_factory):
+def easy(easy_world, tmp_path_factory):
     """``(helper module, overrides, output folder, metrics)`` of the box-only baseline, trained once."""
-    world = _easy_world()
+    world = easy_world
     with pytest.MonkeyPatch.context() as mp:
         root = tmp_path_factory.getbasetemp() / "datasets"
         mp.setenv("OVD_DATASETS", str(root))
