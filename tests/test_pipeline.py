@@ -197,7 +197,8 @@ def test_long_tailed_pipeline_reports_apr(tmp_path):
     assert [r["stage"] for r in rows] == ["base", "rkd", "wt"]
     for r in rows:
         assert all(0.0 <= r[k] <= 100.0 for k in ("APc", "APf", "AP", "mask_AP")), r
-        assert r["APr"] is None or 0.0 <= r["APr"] <= 100.0
+        assert r["APr"] is None or 0.0 <= r["APr"] <= 100.0  # a few iterations per stage: the wiring is tested
+    # here, the numbers of each path against floors in tests/engine/test_*floors_e2e.py
     assert format_ablation(rows).startswith("| stage | APr | APc | APf | AP | mask APr | mask AP |")
     pseudo = json.loads((tmp_path / "out" / "pseudo_labels" / "ovshapes_lt_small_pseudo.json").read_text())
     rare = {c["id"] for c in pseudo["categories"] if c.get("frequency") == "r"}
