@@ -8,11 +8,15 @@ skipped; the regions are made once from the base stage). It writes the table, a 
 prints the setting picked by the selection rule (benchmarks/RESULTS.md, written before any run).
 
 ``val`` (touching val once): the whole OV-Shapes ablation pipeline (``configs/ovshapes/ablation.yaml``:
-main job + control) over the seeds, today's recipe and the chosen setting side by side
-(``benchmarks/ovshapes_ablation.py``'s runner), then the adoption rule of issue #22 with its numbers.
+main job + control) over the seeds, today's recipe and the chosen setting side by side, then the adoption
+rule of issue #22 with its numbers. One pipeline file per seed folder holds both: the ablation's stages and,
+for every distilling stage, a ``<stage>_chosen`` twin with the setting (starting from the chosen twin where
+the original starts from a distilling stage); the stages the setting does not touch (base, control, PIS)
+are shared. ``--root`` may be the folder of a finished ``benchmarks/ovshapes_ablation.py`` run: its stages
+are reused where their fingerprints match (``tools/run_pipeline.py``'s rule), so only the twins train.
 
     python benchmarks/ovshapes_rkd_study.py sweep --root output/rkd_study
-    python benchmarks/ovshapes_rkd_study.py val --root output/rkd_val \
+    python benchmarks/ovshapes_rkd_study.py val --root output/ablation \
         --setting model.distill.region_weighting=max_prob model.distill.contradiction_iou=0.5
 
 ``--stage-overrides`` (both) go to every stage, e.g. a smoke test: ``solver.max_iter=20 solver.steps=[15]``.
@@ -196,19 +200,51 @@ def sweep_report(result: dict, pick: dict) -> list[str]:
 STAGES = ("base_continued", "rkd", "rkd_pis_wt")
 
 
-def val_numbers(root: Path, seeds: list[int]) -> dict[str, dict[str, list[float]]]:
-    """stage → metric → per-seed values, from each seed's ablation.json (and the RKD stage's fidelity)."""
-    out: dict[str, dict[str, list[float]]] = {}
+CHOSEN = "_chosen"  # suffix of the stages trained with the chosen setting
+
+
+def val_pipeline(setting: list[str], parallel: int) -> dict:
+    """``configs/ovshapes/ablation.yaml`` plus a ``<stage>_chosen`` twin of every distilling stage, trained with
+    ``setting`` (a twin whose original starts from a distilling stage starts from that stage's twin)."""
+    from ovd.config import load_config, load_pipeline
+
+    pipe_file = REPO / "configs" / "ovshapes" / "ablation.yaml"
+    raw = yaml.safe_load(pipe_file.read_text())
+    stages = [dict(s, config=str(pipe_file.parent / s["config"])) for s in raw["stages"]]
+    distilling = {
+        s.name: load_config(pipe_file.parent / s.config, list(s.overrides)).model.distill.enabled
+        for s in load_pipeline(pipe_file).stages
+    }
+    twins = []
+    for s in stages:
+        if not distilling[s["name"]]:
+            continue
+        init = load_config(s["config"], list(s.get("overrides", []))).init_stage
+        extra = [f"init_stage={init}{CHOSEN}"] if distilling.get(init) else []
+        twins.append(dict(s, name=s["name"] + CHOSEN, overrides=[*s.get("overrides", []), *setting, *extra]))
+    return {**raw, "stages": [*stages, *twins], "parallel_stages": parallel, "demo_images": 0}
+
+
+def val_numbers(root: Path, seeds: list[int]) -> tuple[dict, dict]:
+    """(today, chosen): stage → metric → per-seed values, from each seed's ablation.json (and the RKD stage's
+    fidelity); the chosen side has the twins under their original names and the shared stages."""
+    today: dict[str, dict[str, list[float]]] = {}
+    chosen: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
         rows = json.loads((root / f"seed{seed}" / "ablation.json").read_text())["stages"]
+        names = {r["stage"] for r in rows}
         for r in rows:
-            for k in METRICS:
-                out.setdefault(r["stage"], {}).setdefault(k, []).append(float(r[k]))
-        fid = _metrics(root / f"seed{seed}" / "rkd")
-        for k in FIDELITY:
-            if fid.get(k) is not None:
-                out["rkd"].setdefault(k, []).append(float(fid[k]))
-    return out
+            name = r["stage"]
+            sides = [chosen] if name.endswith(CHOSEN) else [today] + ([] if name + CHOSEN in names else [chosen])
+            for side in sides:
+                for k in METRICS:
+                    side.setdefault(name.removesuffix(CHOSEN), {}).setdefault(k, []).append(float(r[k]))
+        for side, stage in ((today, "rkd"), (chosen, "rkd" + CHOSEN)):
+            fid = _metrics(root / f"seed{seed}" / stage)
+            for k in FIDELITY:
+                if fid.get(k) is not None:
+                    side["rkd"].setdefault(k, []).append(float(fid[k]))
+    return today, chosen
 
 
 def adoption(today: dict, new: dict) -> dict:
@@ -275,6 +311,7 @@ def main() -> int:
     v = sub.add_parser("val", help="val: the whole pipeline, today's recipe vs --setting")
     v.add_argument("--setting", nargs="+", required=True, help="key=value overrides of the chosen setting")
     v.add_argument("--parallel", type=int, default=1, help="seeds run at once")
+    v.add_argument("--parallel-stages", type=int, default=2, help="stages of one seed trained at once")
     for q in (s, v):
         q.add_argument("--root", type=Path, required=True)
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -302,12 +339,11 @@ def main() -> int:
                   *stats]  # fmt: skip
         (stem.with_suffix(".json")).write_text(json.dumps({**result, "choice": pick}, indent=1))
     else:
-        roots = {"today": args.root / "today", "chosen": args.root / "chosen"}
+        pipe = args.root / "val_pipeline.yaml"
+        pipe.write_text(yaml.safe_dump(val_pipeline(args.setting, args.parallel_stages)))
         if not args.table_only:
-            for name, overrides in (("today", []), ("chosen", args.setting)):
-                run_seeds(args.seeds, roots[name], "configs/ovshapes/ablation.yaml", args.parallel, 1,
-                          [*overrides, *args.stage_overrides])  # fmt: skip
-        today, new = (val_numbers(roots[k], args.seeds) for k in ("today", "chosen"))
+            run_seeds(args.seeds, args.root, str(pipe), args.parallel, 1, args.stage_overrides)
+        today, new = val_numbers(args.root, args.seeds)
         rule = adoption(today, new)
         plot_val(today, new, stem.with_suffix(".png"))
         lines = val_report(today, new, rule, args.setting) + ["", f"![val]({stem.with_suffix('.png').name})"]
