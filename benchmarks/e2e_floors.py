@@ -29,9 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
+import easy_world as world  # noqa: E402
 from machine import emit_report, header, row, table_header  # noqa: E402
 
-ITERATIONS = {"box_only": 400, "pis": 400, "wt": 600, "lvis_box_only": 600, "lvis_pis": 600}
+# each run as long as the test's (the box-only controls as long as the run they control)
+ITERATIONS = {
+    "box_only": world.PIS_ITERATIONS,
+    "pis": world.PIS_ITERATIONS,
+    "wt": world.WT_ITERATIONS,
+    "lvis_box_only": world.LVIS_ITERATIONS,
+    "lvis_pis": world.LVIS_ITERATIONS,
+}
 
 
 def _cell(metrics: dict, lvis: bool) -> str:
@@ -43,8 +51,6 @@ def _cell(metrics: dict, lvis: bool) -> str:
 
 def _run(kind: str, seed: int, threads: int, root: Path, out: Path) -> list[str]:
     """Train one run and return its cells: the evaluation every tenth of the run, the last one final."""
-    import easy_world as world
-
     from ovd.config import load_config
     from ovd.engine.trainer import train
     from ovd.utils.io import read_json

@@ -123,6 +123,13 @@ def pis_sources(lvis: bool = False) -> str:
     )
 
 
+# Lengths of the floor tests' runs (tests/engine/test_method_floors_e2e.py; benchmarks/e2e_floors.py measures
+# the same runs): change one and re-measure its floors.
+PIS_ITERATIONS = 400
+WT_ITERATIONS = 600  # from the PIS weights; 300 measured too short (its random fc1-fc4 first undo both)
+LVIS_ITERATIONS = 600
+
+
 def schedule(iterations: int) -> list[str]:
     """``iterations`` steps, the learning rate divided by 10 for the last quarter: the runs settle, so the
     numbers a floor is checked against move less from one evaluation to the next."""

@@ -21,14 +21,12 @@ from ovd.engine.trainer import evaluate_checkpoint, train
 
 REPO = Path(__file__).parents[2]
 
-# From benchmarks/results/e2e_floors*.md (seeds 0-2, 1 thread, an evaluation every tenth of the run):
-PIS_ITERATIONS = 400
+# From benchmarks/results/e2e_floors*.md (seeds 0-2, 1 thread, an evaluation every tenth of the run; run lengths:
+# easy_world.PIS_ITERATIONS and co.):
 PIS_NOVEL_FLOOR = 25.0  # PIS: novel AP50 49.1-60.9 at the end, >= 42.8 from 320 on; box-only: <= 17.4 at any point
 PIS_BASE_FLOOR = 35.0  # PIS: 67.3-91.5 at the end, >= 51.4 from 320 on (a floor against a broken detector)
-WT_ITERATIONS = 600  # from the PIS weights (the pipeline's WT stage starts from a trained one); 300 is too short
 WT_NOVEL_FLOOR = 25.0  # WT: 41.9-60.0 at the end, >= 34.1 from 480 on (its random fc1-fc4 first undo both)
 WT_BASE_FLOOR = 50.0  # WT: 80.5-85.7 at the end, >= 76.9 from 480 on
-LVIS_ITERATIONS = 600
 LVIS_APR_FLOOR = 7.0  # box and mask APr (novel = rare; AP over IoU 0.5:0.95): PIS 12.7-24.7, box-only <= 2.7
 LVIS_BASE_FLOOR = 20.0  # box APc and APf: PIS 34.5-68.9 at the end (a floor against a broken detector)
 
@@ -48,7 +46,7 @@ def pis(datasets, tmp_path_factory):
     world, root = datasets
     overrides = [*world.register_easy_pis_world(root), world.pis_sources()]
     out = tmp_path_factory.mktemp("easy_pis")
-    cfg = load_config(REPO / "configs/ovshapes/base.yaml", [*overrides, *world.schedule(PIS_ITERATIONS)])
+    cfg = load_config(REPO / "configs/ovshapes/base.yaml", [*overrides, *world.schedule(world.PIS_ITERATIONS)])
     return world, overrides, out, train(cfg, out)
 
 
@@ -80,7 +78,7 @@ def test_weight_transfer_keeps_base_and_novel(pis, tmp_path):
         [
             *overrides,
             *world.WT_OVERRIDES,
-            *world.schedule(WT_ITERATIONS),
+            *world.schedule(world.WT_ITERATIONS),
             f"init_weights={out / 'model_final.pth'}",
         ],
     )
@@ -97,7 +95,7 @@ def test_lvis_path_floors(datasets, tmp_path):
     overrides = [*world.register_easy_pis_world(root, lvis=True), world.pis_sources(lvis=True)]
     cfg = load_config(
         REPO / "configs/ovshapes_lt/base.yaml",
-        [*overrides, *world.LVIS_OVERRIDES, *world.schedule(LVIS_ITERATIONS)],
+        [*overrides, *world.LVIS_OVERRIDES, *world.schedule(world.LVIS_ITERATIONS)],
     )
     metrics = train(cfg, tmp_path)
     box = metrics["bbox"]
