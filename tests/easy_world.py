@@ -76,17 +76,18 @@ def register_easy_world(root: Path) -> list[str]:
         ),
         overwrite=True,
     )
-    embeddings = folder / "separated_classes.npy"
-    if not embeddings.is_file():
-        np.save(embeddings, _separated_classes(template.num_classes))
-    return [*EASY_OVERRIDES, f"clip.embeddings={embeddings}"]
+    return [*EASY_OVERRIDES, f"clip.embeddings={_separated_classes(folder, template.num_classes)}"]
 
 
-def _separated_classes(num_classes: int) -> np.ndarray:
-    """``(C, 64)`` float32 class embeddings, unit norm, every pair at cosine 0.5."""
-    gaussian = np.random.default_rng(0).standard_normal((64, num_classes + 1))
-    basis = np.linalg.qr(gaussian)[0].T  # (C + 1, 64), orthonormal rows
-    return ((basis[0] + basis[1:]) / np.sqrt(2.0)).astype(np.float32)  # shared part + one direction each
+def _separated_classes(folder: Path, num_classes: int) -> Path:
+    """``folder/separated_classes.npy`` (written once): ``(C, 64)`` float32 class embeddings, unit norm, every
+    pair at cosine 0.5."""
+    path = folder / "separated_classes.npy"
+    if not path.is_file():
+        gaussian = np.random.default_rng(0).standard_normal((64, num_classes + 1))
+        basis = np.linalg.qr(gaussian)[0].T  # (C + 1, 64), orthonormal rows
+        np.save(path, ((basis[0] + basis[1:]) / np.sqrt(2.0)).astype(np.float32))  # shared part + one direction each
+    return path
 
 
 # The PIS / weight-transfer / LVIS floors: one or two shapes per image, split by image so that no box image
@@ -206,8 +207,6 @@ def register_easy_pis_world(root: Path, lvis: bool = False) -> list[str]:
         if lvis:
             info = replace(info, extra=dict(extra), evaluator="lvis")
         register_dataset(info, overwrite=True)
-    embeddings = folder / "separated_classes.npy"
-    if not embeddings.is_file():
-        np.save(embeddings, _separated_classes(template.num_classes))
+    embeddings = _separated_classes(folder, template.num_classes)
     overrides = [o for o in EASY_OVERRIDES if not o.startswith(("data.train=", "data.test="))]
     return [*overrides, f"data.train={boxes}", f"data.test={test}", f"clip.embeddings={embeddings}"]
