@@ -81,7 +81,9 @@ def main() -> None:
             step = functools.partial(_train_step, model, opt, scaler, images, targets, amp)
             infer = functools.partial(_infer, model, images[:1], amp)
 
-            step()  # cuDNN autotuning happens here, outside the peak-memory window
+            step()  # cuDNN autotuning of the training and inference shapes happens here, outside the
+            infer()  # peak-memory window (its trial workspaces are not the model's working set)
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t_train = _time(step, args.warmup, args.repeats)
             t_infer = _time(infer, args.warmup, args.repeats)

@@ -7,7 +7,7 @@ A fingerprint is a flat JSON dict of what determines a result:
   cache folders: they cannot change a number);
 - ``inputs.<name>``: the identity of each file the run reads (the init checkpoint, region stores, the
   annotation files of its datasets, precomputed text embeddings, a CLIP checkpoint file): SHA-256 of the
-  file (of ``meta.json`` for a region store, which records how it was made);
+  file (for a region store, of the part of its ``meta.json`` that records how its arrays were made);
 - ``version``: the ``ovd`` package version.
 
 :func:`fingerprint_diff` lists the keys whose values differ, so an error can say exactly what changed.
@@ -21,6 +21,7 @@ for their own provenance records.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ovd.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, Config, config_from_yaml
+from ovd.distill.store_format import META_FILE, content_key
 from ovd.errors import OVDError
 from ovd.utils.io import read_json, write_json
 
@@ -58,11 +60,19 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def file_identity(path: str | os.PathLike[str]) -> str:
-    """``sha256:<hex>`` of a file's bytes; of ``meta.json`` for a folder that has one (a region store);
-    :data:`ABSENT` when it does not exist."""
+    """``sha256:<hex>`` of a file's bytes; for a region store (a folder with ``meta.json``), of the part of
+    its metadata that determines the arrays (:func:`~ovd.distill.store_format.content_key`: not the
+    creation time, file paths, statistics, or the per-region weights added to the store later, which a
+    stage's own config names); :data:`ABSENT` when it does not exist."""
     p = Path(path)
     if p.is_dir():
-        p = p / "meta.json"
+        p = p / META_FILE
+        if p.is_file():
+            meta = read_json(p)
+            if not isinstance(meta, dict):
+                raise OVDError(f"a region store's metadata must be a JSON object, got {type(meta).__name__}", path=p)
+            canonical = json.dumps(content_key(meta), sort_keys=True).encode()
+            return f"sha256:{hashlib.sha256(canonical).hexdigest()}"
     if not p.is_file():
         return ABSENT
     stat = p.stat()

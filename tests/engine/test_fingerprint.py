@@ -14,7 +14,14 @@ import yaml
 
 from ovd.config import load_config
 from ovd.engine.checkpoint import load_checkpoint
-from ovd.engine.fingerprint import ABSENT, check_reuse, fingerprint_diff, read_fingerprint, run_fingerprint
+from ovd.engine.fingerprint import (
+    ABSENT,
+    check_reuse,
+    file_identity,
+    fingerprint_diff,
+    read_fingerprint,
+    run_fingerprint,
+)
 from ovd.engine.trainer import train
 from ovd.errors import OVDError
 from ovd.pipeline import run_pipeline
@@ -55,6 +62,42 @@ def test_fingerprint_keys_and_diff(tmp_path):
     (killed / "model_0000002.pth").write_bytes(b"")  # but a checkpoint without a fingerprint is refused
     with pytest.raises(OVDError, match="no fingerprint.json"):
         check_reuse([killed], [_cfg()])
+
+
+def test_region_store_identity_is_its_content_key(tmp_path):
+    """A region store's identity follows how its arrays were made: per-region weights added later (named by
+    the stages that use them), the creation time, statistics and file paths leave it unchanged (stages
+    trained before a weighting was added stay valid); a result-changing field changes it."""
+    store = tmp_path / "store"
+    store.mkdir()
+    meta = {
+        "format": "ovd-region-store",
+        "k": 16,
+        "clip": {"model": "ovd-tiny-cnn", "weights_sha256": "ab", "pretrained": "/a/clip.pt"},
+        "proposals": {"kind": "detector", "sha256": "cd", "path": "/a/model_final.pth"},
+        "created": "2026-12-04T16:59:58+00:00",
+        "num_regions": 24000,
+    }
+    (store / "meta.json").write_text(json.dumps(meta))
+    first = file_identity(store)
+    later = {
+        **meta,
+        "created": "2026-12-05T00:00:00+00:00",
+        "num_regions": 7,
+        "clip": {**meta["clip"], "pretrained": "/elsewhere/clip.pt"},
+        "proposals": {**meta["proposals"], "path": "/elsewhere/model_final.pth"},
+        "region_weights": {"w_8caf100996aa4137": {"mode": "max_prob", "temperature": 0.01}},
+    }
+    (store / "meta.json").write_text(json.dumps(later, indent=2))
+    assert file_identity(store) == first
+    for changed in ({**meta, "k": 5}, {**meta, "proposals": {**meta["proposals"], "sha256": "ef"}}):
+        (store / "meta.json").write_text(json.dumps(changed))
+        assert file_identity(store) != first
+    (store / "meta.json").write_text("{not json")
+    with pytest.raises(OVDError, match=r"meta\.json.*malformed JSON"):
+        file_identity(store)
+    (store / "meta.json").unlink()
+    assert file_identity(store) == ABSENT  # a store whose merge never finished
 
 
 def test_resume_refuses_result_changing_fields(tmp_path):

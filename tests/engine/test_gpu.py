@@ -68,7 +68,8 @@ def test_cuda_and_cpu_inference_agree():
 
 def test_cuda_pipeline_amp(tmp_path):
     """Every stage of the method on CUDA with AMP: base → region extraction (detector proposer and
-    CLIP on the GPU) → pseudo labels → RKD → PIS → RKD+PIS+weight transfer."""
+    CLIP on the GPU) → pseudo labels → RKD (uniform, and teacher-aware with the contradiction filter)
+    → PIS → RKD+PIS+weight transfer."""
     import json
 
     import yaml
@@ -81,8 +82,9 @@ def test_cuda_pipeline_amp(tmp_path):
         " {dataset: ovshapes_small_pseudo, supervision: pseudo, batch_size: 4, ratio: 4,"
         " min_size: [96, 128], max_size: 160}]"
     )
-    stages = [("base", "base.yaml", []), ("rkd", "rkd.yaml", []), ("pis", "pis.yaml", [sources])]
-    stages.append(("wt", "rkd_pis_wt.yaml", [sources]))
+    teacher_aware = ["model.distill.region_weighting=max_prob", "model.distill.contradiction_iou=0.5"]
+    stages = [("base", "base.yaml", []), ("rkd", "rkd.yaml", []), ("rkd_conf", "rkd.yaml", teacher_aware)]
+    stages += [("pis", "pis.yaml", [sources]), ("wt", "rkd_pis_wt.yaml", [sources])]
     spec = {
         "stages": [
             {"name": n, "config": str(REPO / "configs/ovshapes" / f), "overrides": [*gpu, *extra]}
@@ -95,12 +97,40 @@ def test_cuda_pipeline_amp(tmp_path):
     pipe = tmp_path / "pipeline.yaml"
     pipe.write_text(yaml.safe_dump(spec))
     result = run_pipeline(pipe, tmp_path / "out")
-    assert [r["stage"] for r in result["stages"]] == ["base", "rkd", "pis", "wt"]
-    for name in ("base", "rkd", "pis", "wt"):
+    names = ["base", "rkd", "rkd_conf", "pis", "wt"]
+    assert [r["stage"] for r in result["stages"]] == names
+    for name in names:
         state = load_checkpoint(tmp_path / "out" / name / "model_final.pth")
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
         metrics = json.loads((tmp_path / "out" / name / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["AP50_all"] <= 100.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_weighted_distill_losses_under_autocast(dtype):
+    """The teacher-aware RKD losses in the AMP training step: under autocast on CUDA they stay within
+    the dtype's rounding of the float32 CPU values, all-ones weights equal no weights, and the
+    gradient reaches the student and not the weights."""
+    from ovd.losses import distill_l1_loss, irm_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(40, 64, generator=g)
+    teacher = torch.randn(40, 64, generator=g)
+    weight = torch.rand(40, generator=g)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for loss_fn in (distill_l1_loss, irm_loss):
+        ref = loss_fn(student, teacher, weight)
+        s = student.cuda().requires_grad_()
+        w = weight.cuda().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            out = loss_fn(s @ torch.eye(64, device="cuda"), teacher.cuda(), w)  # a half-precision matmul first
+            ones = loss_fn(s @ torch.eye(64, device="cuda"), teacher.cuda(), torch.ones(40, device="cuda"))
+            plain = loss_fn(s @ torch.eye(64, device="cuda"), teacher.cuda())
+        assert torch.isclose(out.float().cpu(), ref, rtol=tol), (loss_fn.__name__, out, ref)
+        assert torch.equal(ones, plain), loss_fn.__name__
+        out.backward()
+        assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+        assert w.grad is None  # weights are constants
 
 
 def test_cuda_batched_extraction_matches_cpu_pil(tmp_path):
