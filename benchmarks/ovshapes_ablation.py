@@ -56,7 +56,7 @@ def run_seeds(
             cmd = [sys.executable, str(REPO / "tools/run_pipeline.py"), "--config-file", config,
                    "--output-dir", str(out), *([] if stages is None else ["--parallel-stages", str(stages)]),
                    *(["--rerun-changed"] if rerun_changed else []), f"seed={seed}", *overrides]  # fmt: skip
-            log = open(out / "pipeline.log", "w")  # noqa: SIM115 (closed when the process ends)
+            log = open(out / "pipeline.log", "a")  # noqa: SIM115 (closed when the process ends; a rerun appends)
             running[seed] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log,
                              Stopwatch())  # fmt: skip
         for seed, (proc, log, clock) in list(running.items()):
