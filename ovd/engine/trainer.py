@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,12 @@ def train(cfg: Config, output_dir: str | os.PathLike[str], *, resume: bool = Fal
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        with warnings.catch_warnings():
+            # a float16 GradScaler skips the optimizer step of an iteration whose gradients overflowed (the
+            # first ones, while it finds its scale); the schedule follows iterations regardless, as in
+            # detectron2, so torch's "scheduler stepped before optimizer" warning does not apply
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         step = iteration + 1
         if step % cfg.log_period == 0 or step == solver.max_iter:
             # every rank logs the same keys: losses its batch did not have count as 0

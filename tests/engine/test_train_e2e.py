@@ -105,6 +105,32 @@ def test_bfloat16_training_on_cpu(tmp_path):
     assert max(diffs) < 0.05  # ... of the same two SGD steps
 
 
+def test_skipped_optimizer_steps_keep_the_schedule_quiet(tmp_path, monkeypatch):
+    """A float16 GradScaler skips the optimizer step of an iteration whose gradients overflowed (its first
+    ones on a GPU). The schedule still follows iterations (as in detectron2) and torch's "scheduler stepped
+    before optimizer" warning is not shown: reproduced on the CPU with a scaler that skips the first step."""
+    import warnings
+
+    from ovd.engine import trainer as trainer_module
+
+    class SkipFirstStep(torch.amp.GradScaler):
+        skipped = 0
+
+        def step(self, optimizer, *args, **kwargs):
+            if not SkipFirstStep.skipped:
+                SkipFirstStep.skipped += 1
+                return None  # what an overflowing iteration does: no optimizer.step()
+            return optimizer.step()
+
+    monkeypatch.setattr(trainer_module.torch.amp, "GradScaler", SkipFirstStep)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg("solver.max_iter=2", "data.test=", "solver.warmup_iters=0"), tmp_path)
+    assert SkipFirstStep.skipped == 1
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+    assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 2
+
+
 def test_cli_bad_inputs(tmp_path, capsys):
     from importlib import util
 
