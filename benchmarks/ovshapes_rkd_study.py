@@ -42,9 +42,10 @@ from ovshapes_ablation import run_seeds  # noqa: E402
 RECIPE_L1 = 0.15  # configs/ovshapes/rkd.yaml
 WEIGHTS = [0.0375, 0.075, 0.15, 0.3, 0.6]  # 0.25× … 4× the recipe's λ_L1 (× weight_scale 100)
 CONFIDENCE = ["model.distill.region_weighting=max_prob", "model.distill.weight_temperature=0.01"]
-MODES = {
-    "uniform": [],  # the reference: every region weight 1
-    "confidence": CONFIDENCE,  # w = the teacher's max posterior over the 16 training classes
+NO_FILTER = "model.distill.contradiction_iou=0.0"
+MODES = {  # explicit, so that they mean the same whatever configs/ovshapes/rkd.yaml's defaults are
+    "uniform": ["model.distill.region_weighting=uniform", NO_FILTER],  # the reference: every region weight 1
+    "confidence": [*CONFIDENCE, NO_FILTER],  # w = the teacher's max posterior over the 16 training classes
     "confidence+filter": [*CONFIDENCE, "model.distill.contradiction_iou=0.5", "model.distill.contradiction_weight=0.0"],
 }
 DEV = "data.test=ovshapes_dev"
