@@ -87,8 +87,8 @@ def test_cuda_pipeline_amp(tmp_path):
         " {dataset: ovshapes_small_pseudo, supervision: pseudo, batch_size: 4, ratio: 4,"
         " min_size: [96, 128], max_size: 160}]"
     )
-    teacher_aware = ["model.distill.region_weighting=max_prob", "model.distill.contradiction_iou=0.5"]
-    stages = [("base", "base.yaml", []), ("rkd", "rkd.yaml", []), ("rkd_conf", "rkd.yaml", teacher_aware)]
+    uniform = ["model.distill.region_weighting=uniform", "model.distill.contradiction_iou=0.0"]
+    stages = [("base", "base.yaml", []), ("rkd", "rkd.yaml", uniform), ("rkd_conf", "rkd.yaml", [])]  # recipe: aware
     stages += [("pis", "pis.yaml", [sources]), ("wt", "rkd_pis_wt.yaml", [sources])]
     spec = {
         "stages": [
